@@ -1,0 +1,34 @@
+# Two entry points for a bare machine: `make demo` and `make test`.
+# Both create or refresh the project's own virtualenv (.venv) first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv ui clean
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned to the release this machine's pip serves (DESIGN §7);
+# facenet-pytorch goes in --no-deps because its metadata pins old torch/numpy.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps facenet-pytorch==2.6.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fc-pipeline demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} && mkdir -p $$DAGSTER_HOME && \
+	cp -n dagster.yaml $$DAGSTER_HOME/dagster.yaml 2>/dev/null; \
+	DAGSTER_HOME=$$DAGSTER_HOME $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) data .dagster_home

@@ -1,0 +1,22 @@
+"""Session-wide test settings: nothing may reach a model hub."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FACES_DIR = REPO_ROOT.parent / "shared" / "testdata" / "faces"
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """Real face photos shared by the team (../shared/testdata/faces)."""
+    if not FACES_DIR.exists():
+        pytest.fail(f"test photos missing: {FACES_DIR} (clone with ../shared beside the repo)")
+    return FACES_DIR
