@@ -119,6 +119,42 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         steps_offset=1,
         prediction_type="epsilon",
     ),
+    # Dataset models (owner: data). BLIP-2 with OPT; the OPT vocabulary is sized at build time
+    # to the offline CLIP tokenizer plus the processor's "<image>" token.
+    "captioner": dict(
+        image_size=32,
+        num_query_tokens=4,
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        ),
+        qformer_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, encoder_hidden_size=32,
+            vocab_size=128,
+        ),
+        text_config=dict(
+            model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+            word_embed_proj_dim=32, max_position_embeddings=128,
+        ),
+    ),  # fmt: skip
+    # Mask2Former (Swin backbone) over a handful of COCO-panoptic labels; it returns no segment
+    # at default thresholds (random weights), so tests/demo provide annotations.
+    "segmenter": dict(
+        shortest_edge=64,
+        longest_edge=128,
+        labels=("person", "bicycle", "car", "dog", "chair", "sky-other-merged", "grass-merged", "wall-other-merged"),
+        backbone_config=dict(
+            model_type="swin", image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        ),
+        feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, dim_feedforward=64,
+        encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=8,
+    ),  # fmt: skip
+    # open_clip.CLIP(**config): a 32-wide ViT and text tower on the real 49408-token BPE.
+    "matcher_clip": dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=CLIP_VOCAB_SIZE, width=32, heads=2, layers=2),
+    ),
 }
 
 

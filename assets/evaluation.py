@@ -1,0 +1,107 @@
+"""Evaluation asset (paper §5): score the trained checkpoint and publish the report.
+
+``evaluation_report`` runs :func:`fc_pipeline.evaluation.run_evaluation` on the checkpoint that
+``fastcomposer_checkpoint`` last materialised (its ``checkpoint`` path metadata; ``Config.checkpoint``
+overrides it) and shows the summary table and the α trade-off plot in the UI. The check
+``identity_floor`` warns when identity preservation falls below a configured floor.
+"""
+
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+
+from assets.resources import DatasetStore, EvaluatorResource
+from fc_pipeline.evaluation.report import SUMMARY_COLUMNS, markdown_table
+from fc_pipeline.evaluation.runner import EvaluationConfig, run_evaluation
+from fc_pipeline.evaluation.subjects import write_demo_subjects
+
+CHECKPOINT_ASSET = dg.AssetKey("fastcomposer_checkpoint")
+# Metadata keys under which the training asset may record its checkpoint directory.
+CHECKPOINT_METADATA_KEYS = ("checkpoint", "checkpoint_dir", "path")
+
+
+class EvaluationReportConfig(dg.Config):
+    """Benchmark settings; the defaults keep the tiny demo to a minute on a laptop CPU."""
+
+    checkpoint: str = ""  # empty = the directory the upstream fastcomposer_checkpoint recorded
+    subjects_dir: str = ""  # empty = a two-identity set from package-bundled photos
+    prompt_sets: list[str] = ["single", "multi"]
+    images_per_prompt: int = 1
+    alphas: list[float] = [0.7]
+    text_only_baseline: bool = True
+    num_inference_steps: int = 10
+    guidance_scale: float = 5.0
+    seed: int = 0
+    max_prompts: int = 2
+    max_subject_groups: int = 2
+    class_word: str = "person"
+
+
+def checkpoint_path(context: dg.AssetExecutionContext, configured: str) -> Path:
+    """The configured checkpoint, else the path recorded by the latest ``fastcomposer_checkpoint``."""
+    if configured:
+        return Path(configured)
+    event = context.instance.get_latest_materialization_event(CHECKPOINT_ASSET)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{CHECKPOINT_ASSET.to_user_string()} has never been materialised; train first or set config.checkpoint")
+    metadata = event.asset_materialization.metadata
+    for key in CHECKPOINT_METADATA_KEYS:
+        if key in metadata:
+            value = metadata[key].value
+            return Path(value.path if hasattr(value, "path") else value)
+    raise dg.Failure(f"{CHECKPOINT_ASSET.to_user_string()} recorded none of the metadata keys {CHECKPOINT_METADATA_KEYS}")
+
+
+@dg.asset(deps=[CHECKPOINT_ASSET], group_name="evaluation", pool="gpu", kinds={"pytorch", "parquet"})
+def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, store: DatasetStore,
+                      evaluator: EvaluatorResource) -> dg.MaterializeResult:
+    """Identity preservation and prompt consistency of the checkpoint, with α sweep and report."""
+    checkpoint = checkpoint_path(context, config.checkpoint)
+    out_dir = store.root / "evaluation" / checkpoint.name
+    subjects_dir = Path(config.subjects_dir) if config.subjects_dir else write_demo_subjects(store.root / "evaluation" / "demo_subjects")
+    settings = config.model_dump(exclude={"checkpoint", "subjects_dir"})
+    context.log.info(f"evaluating {checkpoint} on {subjects_dir} -> {out_dir}")
+    result = run_evaluation(
+        checkpoint, subjects_dir, out_dir,
+        EvaluationConfig(**{**settings, "prompt_sets": tuple(config.prompt_sets), "alphas": tuple(config.alphas)}),
+        profile=evaluator.profile, faces=evaluator.face_scorer(), prompt_scorer=evaluator.prompt_scorer(),
+        progress=context.log.info,
+    )
+    plot = Path(result["paths"]["alpha_sweep"])
+    headline = {f"{setting}/{metric}": value for setting, metrics in result["headline"].items()
+                for metric, value in metrics.items() if value is not None}
+    return dg.MaterializeResult(metadata={
+        "summary": dg.MetadataValue.md(markdown_table(result["summary"], SUMMARY_COLUMNS)),
+        "alpha_tradeoff": dg.MetadataValue.md(f"![alpha sweep](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"),
+        "report": dg.MetadataValue.path(result["paths"]["html"]),
+        "report_md": dg.MetadataValue.path(result["paths"]["report"]),
+        "scores": dg.MetadataValue.path(result["paths"]["scores"]),
+        "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+        "images": result["images"],
+        "headline": dg.MetadataValue.json(result["headline"]),
+        **headline,
+    })
+
+
+class IdentityFloorConfig(dg.Config):
+    """Identity preservation (%) below which a checkpoint is flagged (paper: 51.41 single, 43.11 multi)."""
+
+    floor_pct: float = 30.0
+
+
+@dg.asset_check(asset=evaluation_report, description="identity preservation at the main α is above the floor")
+def identity_floor(context: dg.AssetCheckExecutionContext, config: IdentityFloorConfig) -> dg.AssetCheckResult:
+    """Warn when any setting's identity score at the main α is below ``floor_pct``."""
+    event = context.instance.get_latest_materialization_event(evaluation_report.key)
+    headline = event.asset_materialization.metadata["headline"].value if event else {}
+    scores = {setting: (m.get("identity_pct") or 0.0) for setting, m in headline.items()}
+    below = {s: v for s, v in scores.items() if v < config.floor_pct}
+    return dg.AssetCheckResult(
+        passed=bool(scores) and not below,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"floor_pct": config.floor_pct, "identity_pct": dg.MetadataValue.json(scores),
+                  "below_floor": dg.MetadataValue.json(below or {})},
+        description=None if scores else "no evaluation scores recorded",
+    )

@@ -1,0 +1,172 @@
+"""Dagster resources: where a corpus's files live, and one resource per model.
+
+A model resource builds its model lazily, the first time a step really needs it, and keeps it
+for the life of the process (a module-level cache keyed by the resource's settings), so several
+assets or re-executions in one process never load the same weights twice.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from fc_pipeline.models import ModelProfile, get_profile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = "demo"
+
+
+def default_data_root() -> Path:
+    """``$FC_PIPELINE_DATA``, else ``<repo>/data``."""
+    return Path(os.environ.get("FC_PIPELINE_DATA") or REPO_ROOT / "data")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is kept."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=None)
+def _load_once(factory: type, profile: ModelProfile, **settings: Any) -> Any:
+    return factory(profile, **settings)
+
+
+class DatasetStore(dg.ConfigurableResource):
+    """Paths of one corpus: raw images under ``corpora/<corpus>``, derived files under ``<corpus>/``.
+
+    ``data_root`` empty means ``$FC_PIPELINE_DATA`` or ``<repo>/data``.
+    """
+
+    data_root: str = ""
+    corpus: str = DEFAULT_CORPUS
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_root) if self.data_root else default_data_root()
+
+    @property
+    def source_dir(self) -> Path:
+        """Default location of the corpus's raw images (a folder)."""
+        return self.root / "corpora" / self.corpus
+
+    @property
+    def dataset_dir(self) -> Path:
+        """Where the intermediate parquet files, segment maps and shards of the corpus go."""
+        return self.root / self.corpus
+
+    def path(self, name: str) -> Path:
+        """A file or folder of the corpus's dataset dir (``images.parquet``, ``shards``, ...)."""
+        return self.dataset_dir / name
+
+
+class CaptionerResource(dg.ConfigurableResource):
+    """BLIP-2 captioner of a model profile (``model`` overrides the profile's checkpoint)."""
+
+    profile: str = "tiny"
+    model: str = ""
+    device: str = "auto"
+    dtype: str = ""
+    max_new_tokens: int = 30
+
+    def load(self):
+        """The captioner, built on first use and shared by the whole process."""
+        from fc_pipeline.data.captioning import Captioner
+
+        profile = get_profile(self.profile, captioner=self.model or None)
+        return _load_once(
+            Captioner,
+            profile,
+            device=resolve_device(self.device),
+            dtype=self.dtype or None,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+class SegmenterResource(dg.ConfigurableResource):
+    """Mask2Former panoptic segmenter of a model profile, with its post-processing thresholds."""
+
+    profile: str = "tiny"
+    model: str = ""
+    device: str = "auto"
+    threshold: float = 0.8
+    mask_threshold: float = 0.5
+    overlap_mask_area_threshold: float = 0.8
+
+    def load(self):
+        """The segmenter, built on first use and shared by the whole process."""
+        from fc_pipeline.data.segmentation import Segmenter
+
+        profile = get_profile(self.profile, segmenter=self.model or None)
+        return _load_once(
+            Segmenter,
+            profile,
+            device=resolve_device(self.device),
+            threshold=self.threshold,
+            mask_threshold=self.mask_threshold,
+            overlap_mask_area_threshold=self.overlap_mask_area_threshold,
+        )
+
+
+class MatcherResource(dg.ConfigurableResource):
+    """OpenCLIP × SBERT phrase–segment scorer of a model profile."""
+
+    profile: str = "tiny"
+    clip_model: str = ""
+    clip_pretrained: str = ""
+    sbert: str = ""
+    device: str = "auto"
+
+    def load(self):
+        """The subject matcher, built on first use and shared by the whole process."""
+        from fc_pipeline.data.matching import SubjectMatcher
+
+        profile = get_profile(
+            self.profile,
+            matcher_clip=self.clip_model or None,
+            matcher_clip_pretrained=self.clip_pretrained or None,
+            sbert=self.sbert or None,
+        )
+        return _load_once(SubjectMatcher, profile, device=resolve_device(self.device))
+
+
+class EvaluatorResource(dg.ConfigurableResource):
+    """Evaluation models of a profile: MTCNN + FaceNet and the prompt-consistency CLIP (owner: evaluation)."""
+
+    profile: str = "tiny"
+    facenet: str = ""
+    prompt_clip: str = ""
+    device: str = "auto"
+
+    def face_scorer(self):
+        """MTCNN + FaceNet, built on first use and shared by the whole process."""
+        from fc_pipeline.evaluation.faces import FaceScorer
+
+        return _load_once(FaceScorer, get_profile(self.profile, facenet=self.facenet or None), device=resolve_device(self.device))
+
+    def prompt_scorer(self):
+        """The CLIP image–text scorer, built on first use and shared by the whole process."""
+        from fc_pipeline.evaluation.prompt_consistency import PromptConsistency
+
+        profile = get_profile(self.profile, prompt_clip=self.prompt_clip or None)
+        return _load_once(PromptConsistency, profile, device=resolve_device(self.device))
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """The resources of the code location, by key. ``FC_PIPELINE_PROFILE`` picks the model profile."""
+    profile = os.environ.get("FC_PIPELINE_PROFILE", "tiny")
+    return {
+        "store": DatasetStore(),
+        "captioner": CaptionerResource(profile=profile),
+        "segmenter": SegmenterResource(profile=profile),
+        "matcher": MatcherResource(profile=profile),
+        "evaluator": EvaluatorResource(profile=profile),
+    }
+

@@ -1,0 +1,171 @@
+"""Step 0: list a raw corpus, one row per distinct image (DESIGN §4).
+
+A corpus is a folder (searched recursively for jpg/jpeg/png/webp) or a parquet/jsonl manifest
+with a ``path`` column (relative paths are relative to the manifest) and optional ``caption``
+and ``annotation`` columns. In a folder, ``<name>.txt`` beside an image is its caption and
+``<name>.panoptic.json`` (+ ``<name>.panoptic.png``) its panoptic annotation (format: see
+:mod:`fc_pipeline.data.segmentation`). An empty caption counts as no caption.
+
+The id of an image is the first 16 hex digits of the sha256 of its bytes, so identical files
+collapse into one row (the others are listed in ``duplicates``). A file without bytes (missing or
+empty) gets its id from its path instead, so that every such file keeps its own ledger row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from fc_pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, load_image
+
+ANNOTATION_SUFFIX = ".panoptic.json"
+ANNOTATION_MAP_SUFFIX = ".panoptic.png"
+MANIFEST_SUFFIXES = (".parquet", ".jsonl")
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),
+        ("annotation", pa.string()),
+        ("error", pa.string()),
+        ("duplicates", pa.list_(pa.string())),
+    ]
+)
+
+
+def scan_corpus(source: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4) -> pa.Table:
+    """One row per distinct image of ``source`` (folder or manifest); see the module docstring.
+
+    Columns: ``id, path, sha256, width, height, caption, annotation, error, duplicates``.
+    Every file is decoded once, so unusable ones get an ``error`` reason code here.
+    """
+    entries = _list_entries(Path(source))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        scanned = list(
+            tqdm(
+                pool.map(lambda entry: _scan_entry(entry, max_pixels), entries),
+                total=len(entries),
+                desc="scan corpus",
+                disable=len(entries) < 50,
+            )
+        )
+    rows: dict[str, dict] = {}
+    for row in scanned:
+        first = rows.get(row["id"])
+        if first is None:
+            rows[row["id"]] = row
+            continue
+        first["duplicates"].append(row["path"])
+        first["caption"] = first["caption"] or row["caption"]
+        first["annotation"] = first["annotation"] or row["annotation"]
+    return pa.Table.from_pylist(list(rows.values()), schema=CORPUS_SCHEMA)
+
+
+def _list_entries(source: Path) -> list[dict]:
+    """``{path, caption, annotation}`` per listed image, in a stable order."""
+    if source.is_dir():
+        return [_folder_entry(path) for path in _image_files(source)]
+    if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
+        return _manifest_entries(source)
+    if not source.exists():
+        raise FileNotFoundError(f"corpus not found: {source}")
+    raise ValueError(f"corpus must be a folder or a {'/'.join(MANIFEST_SUFFIXES)} manifest, got {source}")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = (
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.lower().endswith(ANNOTATION_MAP_SUFFIX)
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    return sorted(files)
+
+
+def _folder_entry(path: Path) -> dict:
+    caption_file = path.with_suffix(".txt")
+    annotation = path.with_name(path.stem + ANNOTATION_SUFFIX)
+    return {
+        "path": str(path),
+        "caption": caption_file.read_text("utf-8", errors="replace") if caption_file.is_file() else None,
+        "annotation": str(annotation) if annotation.is_file() else None,
+    }
+
+
+def _manifest_entries(manifest: Path) -> list[dict]:
+    if manifest.suffix.lower() == ".parquet":
+        records = pq.read_table(manifest).to_pylist()
+    else:
+        records = []
+        for number, line in enumerate(manifest.read_text("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{manifest}:{number}: not a JSON object ({exc.msg})") from None
+    entries = []
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or not record.get("path"):
+            raise ValueError(f"{manifest}: record {number} has no 'path'")
+        annotation = record.get("annotation")
+        entries.append(
+            {
+                "path": str(_resolve(manifest.parent, record["path"])),
+                "caption": record.get("caption"),
+                "annotation": str(_resolve(manifest.parent, annotation)) if annotation else None,
+            }
+        )
+    return entries
+
+
+def _resolve(base: Path, path: str) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _scan_entry(entry: dict, max_pixels: int) -> dict:
+    path = Path(entry["path"])
+    caption = (entry["caption"] or "").strip() or None
+    row = {
+        "path": str(path),
+        "sha256": None,
+        "width": None,
+        "height": None,
+        "caption": caption,
+        "annotation": entry["annotation"],
+        "error": None,
+        "duplicates": [],
+    }
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+        row["error"] = "not_found"
+    except OSError:
+        data = None
+        row["error"] = "unreadable"
+    if not data:
+        row["error"] = row["error"] or "empty_file"
+        row["id"] = "path-" + hashlib.sha256(str(path).encode()).hexdigest()[:11]
+        return row
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    row["id"] = row["sha256"][:16]
+    try:
+        image = load_image(data, max_pixels=max_pixels)
+        row["width"], row["height"] = image.size
+    except ImageError as exc:
+        row["error"] = exc.reason
+    return row

@@ -1,0 +1,328 @@
+"""Train FastComposer on webdataset shards (paper §4.2), with ``accelerate``.
+
+Read top to bottom: config -> data -> model (fresh or resumed) -> optimiser -> loop with
+gradient accumulation, logging and checkpoints. The same entry point runs on a CPU, one GPU or
+many (``accelerate launch -m fc_pipeline.train --config cfg.json``), and reports to Dagster when
+launched through Dagster Pipes.
+
+Output directory::
+
+    checkpoint-0000200/   FastComposerPipeline.save_pretrained (diffusers layout, safetensors)
+      training_state/     accelerate state (models, optimiser, RNG) + trainer_state.json
+    metrics.jsonl         one line per optimiser step: step, loss, l_noise, l_loc, lr
+    metrics.json          summary of the run (steps, final losses, checkpoint)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fc_pipeline.storage import atomic_write, write_json
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_DIR = "training_state"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """All hyper-parameters of a run. Defaults are the paper's (per-device batch 16 × 8 GPUs)."""
+
+    shards: str  # dataset directory (with train/*.tar) or one shard URL
+    output_dir: str
+    profile: str = "paper"
+    pretrained: str | None = None  # start from this FastComposer checkpoint instead of the profile
+    resolution: int | None = None  # None: the profile's
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 150_000
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    localization_weight: float = 1e-3  # λ; 0 turns L_loc off (the paper's ablation)
+    mask_loss_prob: float = 0.5
+    localization_layers: list[str] | None = None  # None: the profile's
+    image_encoder_trainable_blocks: int = 2
+    max_subjects: int = 4
+    unconditional_prob: float = 0.1
+    text_only_prob: float = 0.1
+    subject_drop_prob: float = 0.1
+    mixed_precision: str = "auto"  # auto: bf16 on GPU, no (fp32) on CPU
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 42
+    num_workers: int = 0
+    resume: bool = True
+    progress: bool = True
+
+    @classmethod
+    def tiny(cls, shards: str, output_dir: str, **overrides: Any) -> "TrainConfig":
+        """The CPU demo preset: tiny random models, 64 px, batch 4, 30 steps."""
+        preset = dict(profile="tiny", resolution=64, train_batch_size=4, max_steps=30, checkpoint_every=15)
+        return cls(shards=shards, output_dir=output_dir, **{**preset, **overrides})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training option(s) in {path}: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    checkpoint: Path
+    steps: int
+    loss: float
+    l_noise: float
+    l_loc: float
+    metrics_path: Path
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "steps": self.steps,
+            "loss": self.loss,
+            "l_noise": self.l_noise,
+            "l_loc": self.l_loc,
+            "resumed_from": self.resumed_from,
+            "metrics": str(self.metrics_path),
+        }
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (incomplete ones are temp dirs, never listed)."""
+    root = Path(output_dir)
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_DIR / TRAINER_STATE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or ``None``."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _save_checkpoint(accelerator, components: dict, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Pipeline + training state into a temp dir, renamed into place; keeps the newest ``keep``."""
+    from fc_pipeline.pipeline import FastComposerPipeline
+
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    temp = output_dir / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+        parts = {name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part for name, part in components.items()}
+        FastComposerPipeline.from_components(parts).save_pretrained(temp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp / STATE_DIR), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(trainer_state, temp / STATE_DIR / TRAINER_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the log lines up to ``step`` (a resumed run rewrites what followed its checkpoint)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= step]
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+# --- the run ----------------------------------------------------------------------------------
+def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or resume) a FastComposer checkpoint; returns the last checkpoint and final losses."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from fc_pipeline.data.shards import shard_urls
+    from fc_pipeline.data.training_samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
+    from fc_pipeline.model.attention import install_attention_capture
+    from fc_pipeline.model.components import load_components, set_trainable
+    from fc_pipeline.model.objective import compute_losses
+    from fc_pipeline.models import get_profile
+
+    log = log or (lambda message: None)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # unconditional / text-only batches leave the fuser and image encoder without gradients
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(config.seed, device_specific=True)
+
+    # data
+    profile = get_profile(config.profile)
+    urls = shard_urls(config.shards, "train") if Path(config.shards).is_dir() else [config.shards]
+    resume_from = latest_checkpoint(output_dir) if config.resume else None
+    step, position = 0, DataPosition()
+    if resume_from is not None:
+        saved = json.loads((resume_from / STATE_DIR / TRAINER_STATE).read_text())
+        step, position = saved["step"], DataPosition(**saved["position"])
+        log(f"resuming from {resume_from} (step {step})")
+    sampling = SamplingConfig(
+        resolution=config.resolution or profile.resolution,
+        max_subjects=config.max_subjects,
+        unconditional_prob=config.unconditional_prob,
+        text_only_prob=config.text_only_prob,
+        subject_drop_prob=config.subject_drop_prob,
+    )
+
+    # model
+    components = load_components(profile, pretrained=config.pretrained)
+    trainable = set_trainable(components, config.image_encoder_trainable_blocks)
+    if config.gradient_checkpointing:
+        components["unet"].enable_gradient_checkpointing()
+    capture = None
+    if config.localization_weight > 0:
+        capture = install_attention_capture(components["unet"], config.localization_layers or profile.localization_layers)
+    dataset = TrainingSamples(
+        urls, components["tokenizer"], sampling, seed=config.seed, start=position,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.train_batch_size, collate_fn=collate_samples, num_workers=config.num_workers
+    )
+
+    # optimiser: AdamW, constant learning rate
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    unet, fuser, image_encoder, optimizer = accelerator.prepare(
+        components["unet"], components["fuser"], components["image_encoder"], optimizer
+    )
+    for name in ("vae", "text_encoder"):
+        components[name].to(accelerator.device).eval()
+    models = {**components, "unet": unet, "fuser": fuser, "image_encoder": image_encoder}
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / STATE_DIR))
+    unet.train(), fuser.train(), image_encoder.train()
+
+    metrics_path = output_dir / "metrics.jsonl"
+    history = _truncate_metrics(metrics_path, step) if accelerator.is_main_process else []
+    resumed_from, checkpoint = step, resume_from
+    progress = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and accelerator.is_main_process), desc="train")
+    running = {"loss": 0.0, "l_noise": 0.0, "l_loc": 0.0}
+    started = time.perf_counter()
+    data = iter(loader)
+    while step < config.max_steps:
+        batch = next(data)
+        with accelerator.accumulate(unet, fuser, image_encoder):
+            losses = compute_losses(
+                models, batch, capture,
+                localization_weight=config.localization_weight, mask_loss_prob=config.mask_loss_prob,
+            )  # fmt: skip
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for key in running:
+            running[key] += losses[key].detach().float().item() / config.gradient_accumulation_steps
+        position = batch["position"][-1]
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        averaged = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in running.items()}
+        running = dict.fromkeys(running, 0.0)
+        row = {"step": step, **averaged, "lr": config.learning_rate, "elapsed_s": round(time.perf_counter() - started, 3)}
+        if not all(math.isfinite(v) for v in averaged.values()):
+            raise FloatingPointError(f"non-finite loss at step {step}: {averaged}")
+        if accelerator.is_main_process:
+            history.append(row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        progress.update(1)
+        progress.set_postfix(loss=f"{averaged['loss']:.4f}", l_loc=f"{averaged['l_loc']:.4f}")
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            trainer_state = {"step": step, "position": position.as_dict(), "config": dataclasses.asdict(config)}
+            checkpoint = _save_checkpoint(accelerator, models, output_dir, step, trainer_state, config.keep_checkpoints)
+            log(f"step {step}: loss {averaged['loss']:.4f} (noise {averaged['l_noise']:.4f}, loc {averaged['l_loc']:.4f}); saved {checkpoint.name}")
+    progress.close()
+    if capture is not None:
+        capture.remove()
+    if checkpoint is None:
+        raise RuntimeError(f"nothing trained: max_steps={config.max_steps} and no checkpoint in {output_dir}")
+    last = history[-1] if history else {"loss": math.nan, "l_noise": math.nan, "l_loc": math.nan}
+    result = TrainResult(
+        checkpoint=checkpoint, steps=step, loss=last["loss"], l_noise=last["l_noise"], l_loc=last["l_loc"],
+        metrics_path=metrics_path, resumed_from=resumed_from, history=history,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        write_json(result.summary(), output_dir / "metrics.json")
+        if dataset.skipped:
+            log(f"{len(dataset.skipped)} sample(s) skipped, e.g. {dataset.skipped[0]}")
+    accelerator.end_training()
+    return result
+
+
+# --- command line / Dagster Pipes --------------------------------------------------------------
+def _run_with_pipes(config: TrainConfig) -> TrainResult:
+    """Train, streaming logs and the final materialisation to Dagster through Pipes."""
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        result = train(config, log=pipes.log.info)
+        pipes.report_asset_materialization(
+            metadata={
+                "steps": result.steps,
+                "loss": result.loss,
+                "l_noise": result.l_noise,
+                "l_loc": result.l_loc,
+                "resumed_from_step": result.resumed_from,
+                "checkpoint": {"raw_value": str(result.checkpoint), "type": "path"},
+                "metrics": {"raw_value": str(result.metrics_path), "type": "path"},
+            }
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fc_pipeline.train --config cfg.json`` (also under ``accelerate launch``)."""
+    parser = argparse.ArgumentParser(prog="fc_pipeline.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_json(args.config)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and "DAGSTER_PIPES_CONTEXT" in os.environ:
+        result = _run_with_pipes(config)
+    else:
+        result = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    if is_main:
+        print(json.dumps(result.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
