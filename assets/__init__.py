@@ -24,4 +24,7 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_package_module(_package),
     jobs=[build_dataset_job],
     resources=default_resources(),
+    # One process per run: a model resource loads once and serves every step; model steps are
+    # serialised by the `gpu` pool anyway, and a separate interpreter per step would reload torch.
+    executor=dg.in_process_executor,
 )

@@ -4,18 +4,26 @@ Each check is an ``evaluate_*`` function on the data (usable and testable withou
 thin ``@asset_check`` that points it at the corpus's files. Thresholds are check config.
 """
 
-import pyarrow as pa
+import json
+from pathlib import Path
+
 import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from fc_pipeline.storage import read_parquet
 
-from .dataset import CAPTIONS, IMAGES, captions, corpus_images
+from .dataset import CAPTIONS, IMAGES, SHARDS, captions, corpus_images, training_shards
 from .metadata import failure_counts
 from .resources import DatasetStore
 
 # Ledger reasons the captioning step itself gives (others are carried from the corpus scan).
 CAPTION_ERRORS = ("empty_caption", "caption_failed")
+# Ledger reasons that mean "nothing to learn from here" rather than "something broke": an image
+# without a person, or a caption without a noun. Every other reason counts as an error.
+FILTER_REASONS = ("empty_caption", "no_segments", "no_phrases", "no_match", "no_person")
+SPLITS = ("train", "val")
 
 
 def _rate(numerator: int, denominator: int) -> float:
@@ -49,6 +57,66 @@ def evaluate_caption_rate(table: pa.Table, min_rate: float) -> dg.AssetCheckResu
     )
 
 
+def evaluate_shards_readable(shards_dir: Path) -> dg.AssetCheckResult:
+    """Every sample of every split reads back (image, json with a caption, seg map of the image's
+    size) and each split holds as many samples as its ``_stats.json`` says."""
+    from fc_pipeline.data.shards import read_samples
+
+    counts, expected, problems = {}, {}, []
+    for split in SPLITS:
+        stats_path = shards_dir / split / "_stats.json"
+        if not stats_path.exists():
+            problems.append(f"{split}: no _stats.json")
+            continue
+        expected[split] = json.loads(stats_path.read_text())["samples"]
+        counts[split] = 0
+        try:
+            for sample in read_samples(shards_dir, split):
+                counts[split] += 1
+                if not sample["meta"].get("caption"):
+                    problems.append(f"{sample['id']}: empty caption")
+                if sample["seg"].shape != (sample["image"].height, sample["image"].width):
+                    problems.append(f"{sample['id']}: segment map does not fit the image")
+        except Exception as exc:  # any decoding error means unreadable shards
+            problems.append(f"{split}: {type(exc).__name__}: {exc}")
+    problems += [f"{split}: {counts.get(split)} samples read, {n} expected" for split, n in expected.items() if counts.get(split) != n]
+    return dg.AssetCheckResult(
+        passed=not problems and sum(counts.values()) > 0,
+        metadata={"samples_read": dg.MetadataValue.json(counts), "problems": dg.MetadataValue.json(problems[:20])},
+    )
+
+
+def evaluate_subject_rate(shards_dir: Path, min_rate: float) -> dg.AssetCheckResult:
+    """Share of shard samples with at least one subject (from the shards' parquet sidecars)."""
+    sidecars = sorted(shards_dir.glob("*/[0-9]*.parquet"))
+    n_subjects = [n for path in sidecars for n in pq.read_table(path, columns=["n_subjects"]).column(0).to_pylist()]
+    rate = _rate(sum(n >= 1 for n in n_subjects), len(n_subjects))
+    return dg.AssetCheckResult(
+        passed=bool(n_subjects) and rate >= min_rate,
+        metadata={"with_subjects_rate": rate, "min_rate": min_rate, "samples": len(n_subjects)},
+    )
+
+
+def evaluate_failure_rate(corpus: pa.Table, ledger: pa.Table, max_error_rate: float, min_yield: float) -> dg.AssetCheckResult:
+    """Images failed by an error (broken file, annotation or model) stay under ``max_error_rate``
+    and the share of images that became samples is at least ``min_yield``."""
+    reasons = ledger.column("reason").to_pylist()
+    errors = sum(reason not in FILTER_REASONS for reason in reasons)
+    images = corpus.num_rows
+    error_rate, sample_yield = _rate(errors, images), _rate(images - len(reasons), images)
+    return dg.AssetCheckResult(
+        passed=images > 0 and error_rate <= max_error_rate and sample_yield >= min_yield,
+        metadata={
+            "error_rate": error_rate,
+            "max_error_rate": max_error_rate,
+            "sample_yield": sample_yield,
+            "min_yield": min_yield,
+            "images": images,
+            "failures_by_reason": dg.MetadataValue.json(failure_counts(ledger, "reason")),
+        },
+    )
+
+
 class ReadableRateConfig(dg.Config):
     min_rate: float = Field(default=0.8, description="Minimum share of corpus files that decode.")
 
@@ -65,3 +133,32 @@ def readable_images(config: ReadableRateConfig, store: DatasetStore) -> dg.Asset
 @dg.asset_check(asset=captions, blocking=True, description="readable images have non-empty captions")
 def caption_non_empty_rate(config: CaptionRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
     return evaluate_caption_rate(read_parquet(store.path(CAPTIONS)), config.min_rate)
+
+
+class SubjectRateConfig(dg.Config):
+    min_rate: float = Field(default=0.95, description="Minimum share of samples with at least one subject.")
+
+
+class FailureRateConfig(dg.Config):
+    max_error_rate: float = Field(default=0.2, description="Maximum share of images failed by an error.")
+    min_yield: float = Field(
+        default=0.1,
+        description="Minimum share of images that became samples (the tiny random models find "
+        "subjects only where the corpus provides annotations).",
+    )
+
+
+@dg.asset_check(asset=training_shards, blocking=True, description="every shard sample reads back with webdataset")
+def shards_readable(store: DatasetStore) -> dg.AssetCheckResult:
+    return evaluate_shards_readable(store.path(SHARDS))
+
+
+@dg.asset_check(asset=training_shards, blocking=True, description="samples carry at least one subject")
+def samples_with_subjects(config: SubjectRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
+    return evaluate_subject_rate(store.path(SHARDS), config.min_rate)
+
+
+@dg.asset_check(asset=training_shards, blocking=True, description="few images fail by error; enough become samples")
+def failure_rate(config: FailureRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
+    ledger = read_parquet(store.path(SHARDS) / "failures.parquet")
+    return evaluate_failure_rate(read_parquet(store.path(IMAGES)), ledger, config.max_error_rate, config.min_yield)

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from fc_pipeline.data.demo import DEFAULT_SIZE as DEMO_SIZE
 from fc_pipeline.data.demo import make_demo_corpus
+from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import load_image
 from fc_pipeline.models import get_profile
 from fc_pipeline.storage import read_parquet, write_parquet
@@ -117,19 +118,26 @@ def _resource_settings(resource: dg.ConfigurableResource) -> dict:
     return {name: getattr(resource, name) for name in type(resource).model_fields}
 
 
-def _result(context: dg.AssetExecutionContext, table: pa.Table, output: Path, status: str, **metadata) -> dg.MaterializeResult:
-    failures = failure_counts(table)
-    context.log.info(f"{context.asset_key.to_user_string()}: {status}, {table.num_rows} rows, failures {failures or 'none'}")
+def _result(
+    context: dg.AssetExecutionContext, *, status: str, rows: int, failures: dict, path: Path, version: str, **metadata
+) -> dg.MaterializeResult:
+    context.log.info(f"{context.asset_key.to_user_string()}: {status}, {rows} rows, failures {failures or 'none'}")
     return dg.MaterializeResult(
         metadata={
             "status": status,
-            "rows": table.num_rows,
+            "rows": rows,
             "failed": sum(failures.values()),
             "failures_by_reason": dg.MetadataValue.json(failures),
-            "path": dg.MetadataValue.path(str(output)),
+            "path": dg.MetadataValue.path(str(path)),
             **metadata,
         },
-        data_version=dg.DataVersion(file_digest(output)[:16]),
+        data_version=dg.DataVersion(version[:16]),
+    )
+
+
+def _table_result(context: dg.AssetExecutionContext, table: pa.Table, output: Path, status: str, **metadata) -> dg.MaterializeResult:
+    return _result(
+        context, status=status, rows=table.num_rows, failures=failure_counts(table), path=output, version=file_digest(output), **metadata
     )
 
 
@@ -146,7 +154,7 @@ def _segment_overlays(corpus: pa.Table, segments: pa.Table, chosen: dict[str, li
     paths = dict(zip(corpus.column("id").to_pylist(), corpus.column("path").to_pylist()))
     seg_paths = dict(zip(segments.column("id").to_pylist(), segments.column("seg_path").to_pylist()))
     return [
-        overlay_segments(load_image(paths[image_id]), np.asarray(Image.open(seg_paths[image_id])), ids)
+        overlay_segments(load_image(paths[image_id]), read_id_map(seg_paths[image_id]), ids)
         for image_id, ids in chosen.items()
     ]
 
@@ -169,7 +177,7 @@ def corpus_images(context: dg.AssetExecutionContext, config: CorpusImagesConfig,
     table, status = run_step(output, [], {"scan": scanned.to_pylist()}, lambda: scanned)
     readable = table.filter(pc.is_null(table.column("error")))
     sample = [load_image(p) for p in readable.column("path").to_pylist()[:PREVIEW_IMAGES]]
-    return _result(
+    return _table_result(
         context,
         table,
         output,
@@ -200,7 +208,7 @@ def captions(
     sources = table.column("caption_source").to_pylist()
     rows = [r for r in table.to_pylist() if r["caption"]]
     examples = [r for r in rows if r["caption_source"] == "model"][:3] + [r for r in rows if r["caption_source"] == "provided"][:3]
-    return _result(
+    return _table_result(
         context,
         table,
         output,
@@ -231,7 +239,7 @@ def panoptic_segments(
     labels = [s["label"] for segs in per_image.values() for s in segs]
     shown = {i: None for i, segs in per_image.items() if segs}
     sources = table.column("segment_source").to_pylist()
-    return _result(
+    return _table_result(
         context,
         table,
         output,
@@ -259,7 +267,7 @@ def noun_phrases(context: dg.AssetExecutionContext, config: PhrasesConfig, store
         lambda: phrase_corpus(read_parquet(store.path(CAPTIONS)), spacy_model=spacy_model, batch_size=config.batch_size),
     )
     rows = [r for r in table.to_pylist() if not r["error"]]
-    return _result(
+    return _table_result(
         context,
         table,
         output,
@@ -290,7 +298,7 @@ def subject_matches(
     subjects = {r["id"]: json.loads(r["subjects"] or "[]") for r in table.to_pylist() if not r["error"]}
     histogram = np.bincount([len(s) for s in subjects.values()], minlength=config.max_subjects + 1).tolist()
     shown = {i: [s["segment_id"] for s in subs] for i, subs in subjects.items() if subs}
-    return _result(
+    return _table_result(
         context,
         table,
         output,
@@ -303,4 +311,53 @@ def subject_matches(
             "subject_matches",
             _segment_overlays(read_parquet(store.path(IMAGES)), read_parquet(store.path(SEGMENTS)), dict(list(shown.items())[:PREVIEW_IMAGES])),
         ),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[corpus_images, noun_phrases, panoptic_segments, subject_matches], kinds={"webdataset"})
+def training_shards(
+    context: dg.AssetExecutionContext,
+    config: ShardsConfig,
+    store: DatasetStore,
+    captioner: CaptionerResource,
+    segmenter: SegmenterResource,
+    matcher: MatcherResource,
+) -> dg.MaterializeResult:
+    """Webdataset shards (train/val) of every image with at least one subject, plus the failure
+    ledger of every image left out. Complete shards of an unchanged plan are kept (resume)."""
+    from fc_pipeline.data.shards import read_samples, write_shards
+
+    out_dir = store.path(SHARDS)
+    models = {"profile": captioner.profile, **captioner.model_ids(), **segmenter.model_ids(), **matcher.model_ids()}
+    stats = write_shards(
+        *(read_parquet(store.path(name)) for name in (IMAGES, PHRASES, SEGMENTS, MATCHES)),
+        out_dir,
+        samples_per_shard=config.samples_per_shard,
+        val_fraction=config.val_fraction,
+        val_max=config.val_max,
+        models=models,
+    )
+    context.log.info(f"shards written: {len(stats['written'])}, kept from an earlier run: {len(stats['skipped'])}")
+    sidecars = sorted(out_dir.glob("*/[0-9]*.parquet"))
+    samples = list(read_samples(out_dir, "train"))[:PREVIEW_IMAGES]
+    examples = [
+        {"id": s["id"], "caption": s["meta"]["caption"], "subjects": ", ".join(x["phrase"] for x in s["meta"]["subjects"])}
+        for s in samples
+    ]
+    overlays = [overlay_segments(s["image"], s["seg"], [x["segment_id"] for x in s["meta"]["subjects"]]) for s in samples]
+    return _result(
+        context,
+        status="computed" if stats["written"] else "cached",
+        rows=stats["samples"],
+        failures=stats["failures"],
+        path=out_dir,
+        version=step_fingerprint(sidecars, {}),
+        images_in=stats["images"],
+        samples_out=dg.MetadataValue.json({split: s["samples"] for split, s in stats["splits"].items()}),
+        shards=dg.MetadataValue.json({split: len(s["shards"]) for split, s in stats["splits"].items()}),
+        subjects_per_sample=dg.MetadataValue.json(stats["subjects_histogram"]),
+        failure_ledger=dg.MetadataValue.path(stats["paths"]["failures"]),
+        models=dg.MetadataValue.json(models),
+        examples=dg.MetadataValue.md(markdown_table(examples, ["id", "caption", "subjects"])),
+        **_preview(store, "training_shards", overlays),
     )

@@ -33,6 +33,7 @@ class EvaluationReportConfig(dg.Config):
     text_only_baseline: bool = True
     num_inference_steps: int = 10
     guidance_scale: float = 5.0
+    resolution: int = 0  # 0 = the model's native resolution
     seed: int = 0
     max_prompts: int = 2
     max_subject_groups: int = 2
@@ -61,11 +62,13 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     checkpoint = checkpoint_path(context, config.checkpoint)
     out_dir = store.root / "evaluation" / checkpoint.name
     subjects_dir = Path(config.subjects_dir) if config.subjects_dir else write_demo_subjects(store.root / "evaluation" / "demo_subjects")
-    settings = config.model_dump(exclude={"checkpoint", "subjects_dir"})
+    settings = config.model_dump(exclude={"checkpoint", "subjects_dir", "resolution"})
+    size = config.resolution or None
     context.log.info(f"evaluating {checkpoint} on {subjects_dir} -> {out_dir}")
     result = run_evaluation(
         checkpoint, subjects_dir, out_dir,
-        EvaluationConfig(**{**settings, "prompt_sets": tuple(config.prompt_sets), "alphas": tuple(config.alphas)}),
+        EvaluationConfig(**{**settings, "prompt_sets": tuple(config.prompt_sets), "alphas": tuple(config.alphas)},
+                         height=size, width=size),
         profile=evaluator.profile, faces=evaluator.face_scorer(), prompt_scorer=evaluator.prompt_scorer(),
         progress=context.log.info,
     )

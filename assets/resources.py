@@ -76,14 +76,21 @@ class CaptionerResource(dg.ConfigurableResource):
     dtype: str = ""
     max_new_tokens: int = 30
 
+    @property
+    def model_profile(self) -> ModelProfile:
+        return get_profile(self.profile, captioner=self.model or None)
+
+    def model_ids(self) -> dict[str, str]:
+        """Which checkpoint this resource loads (for provenance; nothing is loaded)."""
+        return {"captioner": self.model_profile.captioner}
+
     def load(self):
         """The captioner, built on first use and shared by the whole process."""
         from fc_pipeline.data.captioning import Captioner
 
-        profile = get_profile(self.profile, captioner=self.model or None)
         return _load_once(
             Captioner,
-            profile,
+            self.model_profile,
             device=resolve_device(self.device),
             dtype=self.dtype or None,
             max_new_tokens=self.max_new_tokens,
@@ -100,14 +107,21 @@ class SegmenterResource(dg.ConfigurableResource):
     mask_threshold: float = 0.5
     overlap_mask_area_threshold: float = 0.8
 
+    @property
+    def model_profile(self) -> ModelProfile:
+        return get_profile(self.profile, segmenter=self.model or None)
+
+    def model_ids(self) -> dict[str, str]:
+        """Which checkpoint this resource loads (for provenance; nothing is loaded)."""
+        return {"segmenter": self.model_profile.segmenter}
+
     def load(self):
         """The segmenter, built on first use and shared by the whole process."""
         from fc_pipeline.data.segmentation import Segmenter
 
-        profile = get_profile(self.profile, segmenter=self.model or None)
         return _load_once(
             Segmenter,
-            profile,
+            self.model_profile,
             device=resolve_device(self.device),
             threshold=self.threshold,
             mask_threshold=self.mask_threshold,
@@ -124,17 +138,25 @@ class MatcherResource(dg.ConfigurableResource):
     sbert: str = ""
     device: str = "auto"
 
-    def load(self):
-        """The subject matcher, built on first use and shared by the whole process."""
-        from fc_pipeline.data.matching import SubjectMatcher
-
-        profile = get_profile(
+    @property
+    def model_profile(self) -> ModelProfile:
+        return get_profile(
             self.profile,
             matcher_clip=self.clip_model or None,
             matcher_clip_pretrained=self.clip_pretrained or None,
             sbert=self.sbert or None,
         )
-        return _load_once(SubjectMatcher, profile, device=resolve_device(self.device))
+
+    def model_ids(self) -> dict[str, str]:
+        """Which checkpoints this resource loads (for provenance; nothing is loaded)."""
+        profile = self.model_profile
+        return {"matcher_clip": f"{profile.matcher_clip}/{profile.matcher_clip_pretrained}", "sbert": profile.sbert}
+
+    def load(self):
+        """The subject matcher, built on first use and shared by the whole process."""
+        from fc_pipeline.data.matching import SubjectMatcher
+
+        return _load_once(SubjectMatcher, self.model_profile, device=resolve_device(self.device))
 
 
 class EvaluatorResource(dg.ConfigurableResource):

@@ -31,11 +31,52 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --- build-dataset (owner: data) ------------------------------------------------------------
 def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-dataset", help="corpus -> captions -> segments -> phrases -> matches -> shards")
+    p.add_argument("source", help="corpus folder, or a parquet/jsonl manifest with a 'path' column")
+    p.add_argument("--out", required=True, help="output folder (intermediate parquet files and shards/)")
+    p.add_argument("--profile", default="tiny", help="model profile: tiny (offline, random) or paper")
+    p.add_argument("--device", default="cpu", help="torch device for the models (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default=None, help="model dtype (float32, float16, bfloat16)")
+    p.add_argument("--caption-batch-size", type=int, default=8)
+    p.add_argument("--segment-batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=30, help="caption length limit")
+    p.add_argument("--segment-threshold", type=float, default=0.8, help="Mask2Former class score threshold")
+    p.add_argument("--mask-threshold", type=float, default=0.5)
+    p.add_argument("--overlap-mask-area-threshold", type=float, default=0.8)
+    p.add_argument("--match-threshold", type=float, default=None, help="CLIP×SBERT threshold (default: profile's)")
+    p.add_argument("--max-subjects", type=int, default=4)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-max", type=int, default=1000)
     p.set_defaults(func=_run_build_dataset)
 
 
 def _run_build_dataset(args: argparse.Namespace) -> int:
-    raise SystemExit("build-dataset: not implemented yet")
+    from fc_pipeline.data.build import build_dataset
+
+    stats = build_dataset(
+        args.source,
+        args.out,
+        args.profile,
+        device=args.device,
+        dtype=args.dtype,
+        caption_batch_size=args.caption_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        segment_batch_size=args.segment_batch_size,
+        segment_threshold=args.segment_threshold,
+        mask_threshold=args.mask_threshold,
+        overlap_mask_area_threshold=args.overlap_mask_area_threshold,
+        match_threshold=args.match_threshold,
+        max_subjects=args.max_subjects,
+        samples_per_shard=args.samples_per_shard,
+        val_fraction=args.val_fraction,
+        val_max=args.val_max,
+    )
+    splits = ", ".join(f"{name} {s['samples']} in {len(s['shards'])} shard(s)" for name, s in stats["splits"].items())
+    print(f"images in: {stats['images']}  samples out: {stats['samples']} ({splits})")
+    print(f"subjects per sample: {stats['subjects_histogram']}")
+    print(f"failures by reason: {stats['failures'] or 'none'} (ledger: {stats['paths']['failures']})")
+    print(f"shards: {stats['paths']['out_dir']}")
+    return 0
 
 
 # --- train (owner: model) -------------------------------------------------------------------
@@ -114,11 +155,65 @@ def _run_generate(args: argparse.Namespace) -> int:
 # --- evaluate (owner: evaluation) -----------------------------------------------------------
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="identity preservation and prompt consistency of a checkpoint")
+    p.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
+                   help="checkpoint directory; repeat to compare checkpoints (e.g. with and without L_loc)")
+    p.add_argument("--subjects", metavar="DIR", help="one sub-folder of reference photos per identity "
+                   "(default: a two-identity set from package-bundled photos)")
+    p.add_argument("--out", required=True, metavar="DIR", help="report directory")
+    p.add_argument("--multi", action="store_true", help="two-subject prompts over all pairs of subjects")
+    p.add_argument("--prompt-set", action="append", metavar="NAME|FILE",
+                   help="single, multi or a JSON prompt set; repeatable (overrides --multi)")
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.7], help="delayed-conditioning ratios (default 0.7)")
+    p.add_argument("--alpha-sweep", action="store_true", help="the paper's sweep: α = 0, 0.2, ..., 1")
+    p.add_argument("--no-baseline", action="store_true", help="skip the text-only SD row (α = 0)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--max-subject-groups", type=int, help="use only the first N subjects / pairs")
+    p.add_argument("--class-word", default="person", help="class word of subjects not in subjects.json")
+    p.add_argument("--matching", choices=["greedy", "hungarian"], default="greedy")
+    p.add_argument("--profile", default="tiny", help="model profile of the scorers (tiny or paper)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    raise SystemExit("evaluate: not implemented yet")
+    from pathlib import Path
+
+    from fc_pipeline.evaluation import PAPER_ALPHA_SWEEP, EvaluationConfig, run_evaluation, write_demo_subjects
+
+    labels = [Path(c).name for c in args.checkpoint]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"evaluate: checkpoints need distinct directory names to be told apart, got {labels}")
+    config = EvaluationConfig(
+        prompt_sets=tuple(args.prompt_set or (["multi"] if args.multi else ["single"])),
+        images_per_prompt=args.images_per_prompt,
+        alphas=PAPER_ALPHA_SWEEP if args.alpha_sweep else tuple(args.alpha),
+        text_only_baseline=not args.no_baseline,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        seed=args.seed,
+        max_prompts=args.max_prompts,
+        max_subject_groups=args.max_subject_groups,
+        class_word=args.class_word,
+        matching=args.matching,
+    )
+    subjects = args.subjects or write_demo_subjects(Path(args.out) / "demo_subjects")
+    try:
+        result = run_evaluation(dict(zip(labels, args.checkpoint)), subjects, args.out, config,
+                                profile=args.profile, device=args.device, progress=print)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"evaluate: {exc}") from None
+    for setting, metrics in result["headline"].items():
+        print(f"{setting}: identity {metrics['identity_pct']} %, prompt consistency {metrics['prompt_consistency']} "
+              f"(α = {result['main_alpha']})")
+    print(f"report: {result['paths']['html']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ library never needs it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ class DemoSummary:
                 f"  subjects per sample: {histogram or 'n/a'}",
                 f"  failures by reason: {json.dumps(self.failures_by_reason) if self.failures_by_reason else 'none'}",
             ]
-        lines.append("  open the UI: make ui   (or: DAGSTER_HOME=... dagster dev -h 127.0.0.1)")
+        lines.append(f"  open the UI: DAGSTER_HOME={self.dagster_home} dagster dev -h 127.0.0.1 -w workspace.yaml")
         return "\n".join(lines)
 
 
@@ -81,7 +82,8 @@ def run_demo(
     from assets import defs
 
     home = prepare_dagster_home(dagster_home)
-    run_config: dict[str, Any] = {}
+    # step-level DEBUG events stay in the instance (and the UI); the terminal gets INFO
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if data_root is not None:
         run_config["resources"] = {"store": {"config": {"data_root": str(Path(data_root).resolve())}}}
     if demo_images is not None:
@@ -89,6 +91,7 @@ def run_demo(
     job = defs.resolve_implicit_global_asset_job_def()
     if selection:
         job = job.get_subset(asset_selection={dg.AssetKey(key) for key in selection})
+    os.environ["DAGSTER_HOME"] = str(home)  # dagster.yaml's storage block reads it
     with dg.DagsterInstance.from_config(str(home)) as instance:
         result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     return summarize(result, home)
@@ -98,7 +101,7 @@ def summarize(result, dagster_home: Path) -> DemoSummary:
     """A :class:`DemoSummary` from an ``ExecuteInProcessResult`` of the asset job."""
     materialized = {}
     for event in result.get_asset_materialization_events():
-        materialization = event.asset_materialization
+        materialization = event.event_specific_data.materialization
         materialized[materialization.asset_key.to_user_string()] = {
             key: getattr(value, "value", value) for key, value in materialization.metadata.items()
         }

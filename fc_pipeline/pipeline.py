@@ -58,6 +58,23 @@ def subject_conditioning_start(num_steps: int, alpha: float) -> int:
     return num_steps - math.floor(alpha * num_steps + 0.5)
 
 
+def localization_layers(unet: UNet2DConditionModel) -> list[str]:
+    """The UNet blocks whose cross-attention maps are returned: all but the highest-resolution ones.
+
+    For SD1.5 this is down_blocks.1/2, mid_block, up_blocks.1/2 — the layers the localisation
+    loss supervises (paper §4.2).
+    """
+    down = [f"down_blocks.{i}" for i, block in enumerate(unet.down_blocks) if hasattr(block, "attentions")]
+    up = [f"up_blocks.{i}" for i, block in enumerate(unet.up_blocks) if hasattr(block, "attentions")]
+    return down[1:] + ["mid_block"] + up[:-1]
+
+
+def pad_token_index(subject_token_index: list[list[int]]) -> torch.Tensor:
+    """Per-prompt subject token indices as a ``[B, S]`` LongTensor, padded with 0."""
+    width = max(len(index) for index in subject_token_index)
+    return torch.tensor([index + [0] * (width - len(index)) for index in subject_token_index], dtype=torch.long)
+
+
 def mean_layer_attention(maps: dict[str, torch.Tensor], batch_size: int, size: Sequence[int]) -> torch.Tensor:
     """Subject-token attention ``[B, S, h, w]`` averaged over heads and layers, at latent ``size``.
 
@@ -114,7 +131,7 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
             fuser=fuser,
         )
         self.register_to_config(max_subjects=max_subjects)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
@@ -125,22 +142,11 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"components missing for FastComposerPipeline: {', '.join(missing)}")
         return cls(**{name: components[name] for name in COMPONENT_NAMES}, **config)
 
-    @property
-    def localization_layers(self) -> list[str]:
-        """Cross-attention blocks whose maps are returned: all but the highest-resolution ones.
-
-        For SD1.5 this is down_blocks.1/2, mid_block, up_blocks.1/2 — the layers the
-        localisation loss supervises (paper §4.2).
-        """
-        down = [f"down_blocks.{i}" for i, block in enumerate(self.unet.down_blocks) if hasattr(block, "attentions")]
-        up = [f"up_blocks.{i}" for i, block in enumerate(self.unet.up_blocks) if hasattr(block, "attentions")]
-        return down[1:] + ["mid_block"] + up[:-1]
-
     # ------------------------------------------------------------------ inputs
     def check_inputs(
         self,
         prompts: list[str],
-        subject_images: list[list[SubjectImage]] | None,
+        subject_images: list[list[PIL.Image.Image]] | None,
         alpha: float,
         num_inference_steps: int,
         height: int,
@@ -194,23 +200,32 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
 
     @staticmethod
     def _as_prompt_list(prompt: str | list[str]) -> list[str]:
-        return [prompt] if isinstance(prompt, str) else list(prompt)
+        return list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
 
     @staticmethod
-    def _as_subject_lists(subject_images: Any, num_prompts: int) -> list[list[SubjectImage]] | None:
-        """``None``, one list per prompt, or (for a single prompt) a flat list / one image."""
+    def prepare_subject_images(subject_images: Any, num_prompts: int) -> list[list[PIL.Image.Image]] | None:
+        """Reference photos as one list of RGB images per prompt (``None`` when there are none).
+
+        Accepts one list per prompt or, for a single prompt, a flat list or one image; each photo
+        is a path, the file's bytes or a PIL image of any mode and size.
+        """
         if subject_images is None:
             return None
         if isinstance(subject_images, (PIL.Image.Image, str, Path, bytes)):
-            return [[subject_images]]
+            subject_images = [subject_images]
         subject_images = list(subject_images)
         if num_prompts == 1 and not all(isinstance(item, (list, tuple)) for item in subject_images):
-            return [subject_images]
-        return [list(images) for images in subject_images]
+            subject_images = [subject_images]
+        if not any(subject_images):
+            return None
+        return [
+            [to_rgb(photo) if isinstance(photo, PIL.Image.Image) else load_image(photo) for photo in photos]
+            for photos in subject_images
+        ]
 
     # ------------------------------------------------------------------ encoders
     def tokenize_prompt(
-        self, prompts: list[str], subject_images: list[list[SubjectImage]] | None
+        self, prompts: list[str], subject_images: list[list[PIL.Image.Image]] | None
     ) -> tuple[torch.Tensor, list[list[int]]]:
         """Token ids ``[B, T]`` of the prompts and, per prompt, the token index of each subject.
 
@@ -262,46 +277,23 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
 
     def encode_subjects(
         self,
-        subject_images: list[list[SubjectImage]],
+        subject_images: list[list[PIL.Image.Image]],
         subject_token_index: list[list[int]],
         prompt_embeds: torch.Tensor,
     ) -> torch.Tensor:
         """The subject-augmented text embedding ``c'``: each reference photo fused into its noun token.
 
-        Photos are natural images of any mode and size (paths, bytes or PIL images); the CLIP
-        feature extractor resizes and crops them, no segmentation is needed.
+        Natural photos work as they are: the CLIP feature extractor resizes and crops them, no
+        segmentation is needed.
         """
-        batch_size = len(subject_images)
-        max_subjects = max(len(images) for images in subject_images)
-        device = prompt_embeds.device
-        dtype = self.image_encoder.dtype
-        pixel_values = torch.zeros(batch_size, max_subjects, 3, *self._feature_size(), dtype=dtype, device=device)
-        token_index = torch.zeros(batch_size, max_subjects, dtype=torch.long, device=device)
-        valid = torch.zeros(batch_size, max_subjects, dtype=torch.bool, device=device)
-        for b, (images, indices) in enumerate(zip(subject_images, subject_token_index)):
-            if not images:
-                continue
-            photos = [to_rgb(image) if isinstance(image, PIL.Image.Image) else load_image(image) for image in images]
-            pixels = self.feature_extractor(images=photos, return_tensors="pt").pixel_values
-            pixel_values[b, : len(images)] = pixels.to(device=device, dtype=dtype)
-            token_index[b, : len(images)] = torch.tensor(indices, dtype=torch.long)
-            valid[b, : len(images)] = True
+        token_index = pad_token_index(subject_token_index)
+        valid = torch.tensor([[s < len(photos) for s in range(token_index.shape[1])] for photos in subject_images])
+        photos = [photo for photos in subject_images for photo in photos]
+        pixels = self.feature_extractor(images=photos, return_tensors="pt").pixel_values
+        pixel_values = pixels.new_zeros(*valid.shape, *pixels.shape[1:])
+        pixel_values[valid] = pixels  # row-major: prompt by prompt, subject by subject
         image_embeds = encode_subject_images(self.image_encoder, pixel_values)
         return augment_text_embeddings(prompt_embeds, image_embeds, self.fuser, token_index, valid)
-
-    @staticmethod
-    def _attention_token_index(
-        subject_token_index: list[list[int]], num_images_per_prompt: int, do_classifier_free_guidance: bool
-    ) -> torch.Tensor:
-        """Subject token columns ``[B_unet, S]`` for the attention capture (padded with column 0)."""
-        width = max(len(index) for index in subject_token_index)
-        rows = torch.tensor([index + [0] * (width - len(index)) for index in subject_token_index], dtype=torch.long)
-        rows = rows.repeat_interleave(num_images_per_prompt, dim=0)
-        return torch.cat([rows, rows]) if do_classifier_free_guidance else rows
-
-    def _feature_size(self) -> tuple[int, int]:
-        crop = self.feature_extractor.crop_size
-        return crop["height"], crop["width"]
 
     # ------------------------------------------------------------------ sampling helpers
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
@@ -364,7 +356,7 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         # 1. Check inputs
         prompts = self._as_prompt_list(prompt)
-        subject_lists = self._as_subject_lists(subject_images, len(prompts))
+        subject_lists = self.prepare_subject_images(subject_images, len(prompts))
         self.check_inputs(
             prompts,
             subject_lists,
@@ -422,10 +414,9 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
         # 7. Denoising loop (recording the subject tokens' cross-attention when asked for)
         capture, attention_sum = None, 0.0
         if return_attention_maps:
-            capture = install_attention_capture(self.unet, self.localization_layers)
-            capture.token_index = self._attention_token_index(
-                subject_token_index, num_images_per_prompt, do_classifier_free_guidance
-            ).to(device)
+            capture = install_attention_capture(self.unet, localization_layers(self.unet))
+            rows = pad_token_index(subject_token_index).repeat_interleave(num_images_per_prompt, dim=0)
+            capture.token_index = torch.cat([rows, rows]) if do_classifier_free_guidance else rows
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         try:
             with self.progress_bar(total=num_inference_steps) as progress_bar:

@@ -8,7 +8,7 @@ launched through Dagster Pipes.
 Output directory::
 
     checkpoint-0000200/   FastComposerPipeline.save_pretrained (diffusers layout, safetensors)
-      training_state/     accelerate state (models, optimiser, RNG) + trainer_state.json
+      training_state/     optimiser + RNG states (safetensors/JSON) + trainer_state.json (step, data position)
     metrics.jsonl         one line per optimiser step: step, loss, l_noise, l_loc, lr
     metrics.json          summary of the run (steps, final losses, checkpoint)
 """
@@ -109,6 +109,9 @@ class TrainResult:
 
 
 # --- checkpoints ------------------------------------------------------------------------------
+# The training state is written without pickles (accelerate's save_state pickles the optimiser
+# and RNG states): model weights are the checkpoint's safetensors, the AdamW state goes to
+# safetensors + JSON, and the RNG states of every process to safetensors + JSON.
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (incomplete ones are temp dirs, never listed)."""
     root = Path(output_dir)
@@ -122,21 +125,81 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(accelerator, components: dict, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.detach().cpu().contiguous() for index, slots in state["state"].items() for key, value in slots.items()}
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    write_json(state["param_groups"], directory / "optimizer_groups.json")
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in load_file(str(directory / "optimizer.safetensors")).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = json.loads((directory / "optimizer_groups.json").read_text())
+    for group in groups:
+        group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save_rng(directory: Path, rank: int) -> None:
+    import random
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    numpy_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(numpy_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(directory / f"rng_{rank}.safetensors"))
+    python_state = random.getstate()
+    write_json(
+        {"python": [python_state[0], list(python_state[1]), python_state[2]], "numpy": list(numpy_state[2:])},
+        directory / f"rng_{rank}.json",
+    )
+
+
+def _load_rng(directory: Path, rank: int) -> None:
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / f"rng_{rank}.safetensors"))
+    scalars = json.loads((directory / f"rng_{rank}.json").read_text())
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), *scalars["numpy"]))
+    version, internal, gauss = scalars["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save_checkpoint(accelerator, models: dict, optimizer, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Pipeline + training state into a temp dir, renamed into place; keeps the newest ``keep``."""
     from fc_pipeline.pipeline import FastComposerPipeline
 
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     temp = output_dir / f".tmp-{final.name}"
+    state_dir = temp / STATE_DIR
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
-        parts = {name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part for name, part in components.items()}
+        parts = {name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part for name, part in models.items()}
         FastComposerPipeline.from_components(parts).save_pretrained(temp, safe_serialization=True)
+        state_dir.mkdir(parents=True)
+        _save_optimizer(optimizer, state_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp / STATE_DIR), safe_serialization=True)
+    _save_rng(state_dir, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(trainer_state, temp / STATE_DIR / TRAINER_STATE)
+        write_json(trainer_state, state_dir / TRAINER_STATE)  # written last: marks the state complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temp, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
@@ -186,7 +249,9 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
 
     # data
     profile = get_profile(config.profile)
-    urls = shard_urls(config.shards, "train") if Path(config.shards).is_dir() else [config.shards]
+    urls = [config.shards] if str(config.shards).endswith(".tar") else shard_urls(config.shards, "train")
+    if not urls:
+        raise FileNotFoundError(f"no training shards under {config.shards}/train (build the dataset first)")
     resume_from = latest_checkpoint(output_dir) if config.resume else None
     step, position = 0, DataPosition()
     if resume_from is not None:
@@ -202,7 +267,8 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     )
 
     # model
-    components = load_components(profile, pretrained=config.pretrained)
+    # a resumed run takes every weight from its checkpoint (safetensors), the rest from the state
+    components = load_components(profile, pretrained=resume_from or config.pretrained)
     trainable = set_trainable(components, config.image_encoder_trainable_blocks)
     if config.gradient_checkpointing:
         components["unet"].enable_gradient_checkpointing()
@@ -226,7 +292,8 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         components[name].to(accelerator.device).eval()
     models = {**components, "unet": unet, "fuser": fuser, "image_encoder": image_encoder}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / STATE_DIR))
+        _load_optimizer(optimizer, resume_from / STATE_DIR)
+        _load_rng(resume_from / STATE_DIR, accelerator.process_index)
     unet.train(), fuser.train(), image_encoder.train()
 
     metrics_path = output_dir / "metrics.jsonl"
@@ -267,7 +334,7 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         progress.set_postfix(loss=f"{averaged['loss']:.4f}", l_loc=f"{averaged['l_loc']:.4f}")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             trainer_state = {"step": step, "position": position.as_dict(), "config": dataclasses.asdict(config)}
-            checkpoint = _save_checkpoint(accelerator, models, output_dir, step, trainer_state, config.keep_checkpoints)
+            checkpoint = _save_checkpoint(accelerator, models, optimizer, output_dir, step, trainer_state, config.keep_checkpoints)
             log(f"step {step}: loss {averaged['loss']:.4f} (noise {averaged['l_noise']:.4f}, loc {averaged['l_loc']:.4f}); saved {checkpoint.name}")
     progress.close()
     if capture is not None:

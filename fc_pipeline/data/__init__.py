@@ -33,6 +33,8 @@ FAILURE_REASONS = {
     # matching
     "no_match": "no noun phrase matched a segment above the threshold",
     "no_person": "phrases matched segments, but none of them is a person",
+    # sharding
+    "shard_failed": "the image or its segment map could not be packed into the shard",
 }
 
 
@@ -59,7 +61,7 @@ def from_pretrained(load: Callable[..., M], model_id: str, profile_field: str, *
     """``load(model_id, **kwargs)``, turning a missing checkpoint into an error that says what to do."""
     try:
         return load(model_id, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # open_clip reports a failed download as RuntimeError
         raise OSError(
             f"cannot load {model_id!r} ({exc.__class__.__name__}: {exc}). Download it where the hub is "
             f"reachable and pass its local directory: get_profile('paper', {profile_field}='/path/to/model'), "

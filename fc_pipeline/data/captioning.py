@@ -51,10 +51,6 @@ class Captioner:
             )
         self.model.to(self.device, self.dtype).eval()
 
-    @property
-    def model_id(self) -> str:
-        return f"tiny-blip2(seed={self.profile.seed})" if self.profile.tiny else self.profile.captioner
-
     @torch.inference_mode()
     def caption(self, images: list[Image.Image]) -> list[str]:
         """One caption per image (stripped; may be empty for a poor model)."""

@@ -85,10 +85,12 @@ class SubjectMatcher:
             self.preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
         else:
+            # ``matcher_clip_pretrained`` is an open_clip tag or a local weights file
+            name, weights = self.profile.matcher_clip, self.profile.matcher_clip_pretrained
             self.clip, _, self.preprocess = from_pretrained(
-                lambda name: open_clip.create_model_and_transforms(name, pretrained=self.profile.matcher_clip_pretrained),
-                self.profile.matcher_clip,
-                "matcher_clip",
+                lambda _: open_clip.create_model_and_transforms(name, pretrained=weights),
+                f"{name} ({weights})",
+                "matcher_clip_pretrained",
             )
             self.tokenizer = open_clip.get_tokenizer(self.profile.matcher_clip)
         self.clip.to(self.device, self.dtype).eval()
@@ -96,15 +98,6 @@ class SubjectMatcher:
             lambda path: SentenceTransformer(path, device=str(self.device)), sbert_path(self.profile), "sbert"
         )
         self.default_threshold = DEFAULT_THRESHOLDS["tiny" if self.profile.tiny else "paper"]
-
-    @property
-    def model_ids(self) -> dict[str, str]:
-        clip = (
-            f"tiny-open-clip(seed={self.profile.seed})"
-            if self.profile.tiny
-            else f"{self.profile.matcher_clip}/{self.profile.matcher_clip_pretrained}"
-        )
-        return {"matcher_clip": clip, "sbert": self.profile.sbert}
 
     @torch.inference_mode()
     def clip_similarity(self, crops: list[Image.Image], texts: list[str]) -> np.ndarray:

@@ -97,10 +97,6 @@ class Segmenter:
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.stuff_label_ids = {k for k, label in self.id2label.items() if label not in COCO_THING_LABELS}
 
-    @property
-    def model_id(self) -> str:
-        return f"tiny-mask2former(seed={self.profile.seed})" if self.profile.tiny else self.profile.segmenter
-
     @torch.inference_mode()
     def segment(self, images: list[Image.Image]) -> list[tuple[np.ndarray, list[dict]]]:
         """``(uint16 id map HxW, segments)`` per image."""

@@ -227,7 +227,7 @@ def run_evaluation(checkpoint, subjects_dir: str | Path, out_dir: str | Path, co
     scores_path = write_parquet(pa.Table.from_pylist(rows), out / "scores.parquet")
     settings = {"checkpoints": ", ".join(f"{k}={v if isinstance(v, (str, Path)) else type(v).__name__}" for k, v in checkpoints.items()),
                 "subjects": f"{len(subjects)} from {subjects_dir}", "cases": len(cases), "profile": profile,
-                **{k: v for k, v in dataclasses.asdict(config).items()},
+                **dataclasses.asdict(config),
                 "wall_seconds": round(time.perf_counter() - started, 1)}
     report = write_report(out, summary, figures, settings)
     first = next(iter(checkpoints))

@@ -34,6 +34,8 @@ EXPANSIONS = [
      "a man and a man, one woman and a kid and a kid and a kid at a table"),
     ("He and two friends", "He and a friend and a friend"),
     ("two sheep grazing", "a sheep and a sheep grazing"),
+    ("The two men walk. Two dogs follow.", "A man and a man walk. A dog and a dog follow."),
+    ("2 people", "a person and a person"),
     ("a woman holding two umbrellas", "a woman holding an umbrella and an umbrella"),
 ]  # fmt: skip
 

@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -16,8 +17,9 @@ from diffusers import (
 )
 
 from fc_pipeline.images import ImageError, load_image
-from fc_pipeline.models import TINY_LOCALIZATION_LAYERS
-from fc_pipeline.pipeline import FastComposerPipeline, subject_conditioning_start
+from fc_pipeline.model.components import build_component, load_components
+from fc_pipeline.models import PAPER_LOCALIZATION_LAYERS, TINY_LOCALIZATION_LAYERS, paper_config
+from fc_pipeline.pipeline import FastComposerPipeline, localization_layers, subject_conditioning_start
 
 PROMPT = "a man <|image|> and a woman <|image|> on the beach"
 TEXT = "a man and a woman on the beach"
@@ -48,8 +50,9 @@ class EmbeddingRecorder:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(prompt=TEXT, num_inference_steps=6),
-        dict(prompt=[TEXT, "a dog"], negative_prompt=["blurry", "dark"], num_images_per_prompt=2, num_inference_steps=3, guidance_rescale=0.7),
+        dict(prompt=TEXT, num_inference_steps=4),
+        dict(prompt=[TEXT, "a dog"], negative_prompt=["blurry", "dark"], num_images_per_prompt=2, num_inference_steps=2,
+             guidance_rescale=0.7, height=32, width=32),  # fmt: skip
         dict(prompt=TEXT, guidance_scale=1.0, num_inference_steps=4, height=48, width=32),
     ],
     ids=["default", "batch-negative-rescale", "no-guidance-48x32"],
@@ -63,9 +66,11 @@ def test_text_only_equals_stable_diffusion(pipe, make_stable_diffusion, kwargs):
 
 
 def test_alpha_zero_with_subjects_equals_stable_diffusion_of_the_plain_text(pipe, make_stable_diffusion, subject_paths):
-    ours = pipe(PROMPT, subject_images=subject_paths, alpha=0.0, num_inference_steps=4, generator=seeded(), output_type="np")
-    theirs = make_stable_diffusion()(TEXT, num_inference_steps=4, guidance_scale=5.0, generator=seeded(), output_type="np")
-    assert np.abs(ours.images - theirs.images).max() == 0.0
+    call = dict(num_inference_steps=3, height=32, width=32, output_type="np")
+    ours = pipe(PROMPT, subject_images=subject_paths, alpha=0.0, generator=seeded(), **call).images
+    no_photos = pipe(TEXT, subject_images=[], generator=seeded(), **call).images
+    theirs = make_stable_diffusion()(TEXT, guidance_scale=5.0, generator=seeded(), **call).images
+    assert np.abs(ours - theirs).max() == 0.0 and np.abs(no_photos - theirs).max() == 0.0
 
 
 # --- delayed subject conditioning ------------------------------------------------------------------
@@ -168,8 +173,11 @@ def test_attention_capture_is_removed_even_on_error(pipe, subject_paths):
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
 
 
-def test_localization_layers_follow_the_unet(pipe):
-    assert tuple(pipe.localization_layers) == TINY_LOCALIZATION_LAYERS
+def test_attention_layers_are_the_localization_layers_of_both_profiles(pipe):
+    assert tuple(localization_layers(pipe.unet)) == TINY_LOCALIZATION_LAYERS
+    with init_empty_weights():
+        paper_unet = build_component("unet", paper_config("unet"))
+    assert tuple(localization_layers(paper_unet)) == PAPER_LOCALIZATION_LAYERS
 
 
 # --- persistence and schedulers ----------------------------------------------------------------
@@ -192,12 +200,13 @@ def test_save_load_round_trip_gives_identical_images(pipe, subject_paths, tmp_pa
 def test_scheduler_swap(components, make_fastcomposer, make_stable_diffusion, subject_paths, scheduler_class):
     scheduler = scheduler_class.from_config(components["scheduler"].config)
     pipe = make_fastcomposer(scheduler)
-    ours = pipe(TEXT, num_inference_steps=4, generator=seeded(), output_type="np").images
-    theirs = make_stable_diffusion(scheduler)(TEXT, num_inference_steps=4, guidance_scale=5.0, generator=seeded(), output_type="np").images
+    call = dict(num_inference_steps=3, height=32, width=32, generator=seeded(), output_type="np")
+    ours = pipe(TEXT, **call).images
+    theirs = make_stable_diffusion(scheduler)(TEXT, guidance_scale=5.0, **{**call, "generator": seeded()}).images
     assert np.abs(ours - theirs).max() == 0.0
 
     with EmbeddingRecorder(pipe.unet) as recorder:
-        subject = pipe(PROMPT, subject_images=subject_paths, alpha=0.5, num_inference_steps=4, generator=seeded(), output_type="np")
+        subject = pipe(PROMPT, subject_images=subject_paths, alpha=0.5, **{**call, "generator": seeded()})
     assert np.isfinite(subject.images).all() and not np.array_equal(subject.images, ours)
     conditional = [embeds.chunk(2)[1] for embeds in recorder.calls]
     start = subject_conditioning_start(len(conditional), 0.5)
@@ -220,19 +229,28 @@ def test_scheduler_swap(components, make_fastcomposer, make_stable_diffusion, su
         (dict(prompt="a photo " * 80 + "of a man <|image|>"), "too long"),
         (dict(prompt="<|image|> on the beach"), "no word before"),
         (dict(prompt=TEXT, return_attention_maps=True, subject_images=None), "needs `subject_images`"),
-        (dict(prompt=[TEXT, TEXT], subject_images=[["a"]]), "one list of reference images per prompt"),
+        (dict(prompt=[TEXT, TEXT], subject_images="one list"), "one list of reference images per prompt"),
         (dict(prompt=TEXT, subject_images=None, negative_prompt=["a", "b"]), "negative_prompt"),
         (dict(prompt=123, subject_images=None), "prompt"),
     ],
 )
 def test_bad_input_is_a_clear_error(pipe, subject_paths, kwargs, message):
-    counts = {"two": subject_paths, "five": [subject_paths[0]] * 5}
+    counts = {"two": subject_paths, "five": [subject_paths[0]] * 5, "one list": [[subject_paths[0]]]}
     images = kwargs.get("subject_images", [subject_paths[0]])
     kwargs = {**kwargs, "subject_images": counts.get(images, images) if isinstance(images, str) else images}
     with pytest.raises(ValueError, match=message):
-        pipe(**kwargs, num_inference_steps=kwargs.get("num_inference_steps", 1))
+        pipe(**{"num_inference_steps": 1, **kwargs})
 
 
 def test_from_components_names_what_is_missing(components):
     with pytest.raises(ValueError, match="fuser"):
         FastComposerPipeline.from_components({k: v for k, v in components.items() if k != "fuser"})
+
+
+def test_pipeline_moves_to_another_dtype(subject_paths):
+    pipe = FastComposerPipeline.from_components(load_components("tiny")).to(dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, subject_images=subject_paths, num_inference_steps=2, height=16, width=16, output_type="np",
+               return_attention_maps=True)  # fmt: skip
+    assert pipe.fuser.dtype == pipe.unet.dtype == torch.bfloat16
+    assert np.isfinite(out.images).all() and out.attention_maps[0].dtype == np.float32

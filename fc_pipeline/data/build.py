@@ -1,0 +1,119 @@
+"""The whole dataset chain without Dagster (``fc-pipeline build-dataset``).
+
+``out_dir`` receives the same files the Dagster assets write under ``<data_root>/<corpus>/``:
+``images.parquet``, ``captions.parquet``, ``segments.parquet`` + ``segments/<id>.png``,
+``phrases.parquet``, ``matches.parquet`` and ``shards/`` (see :mod:`fc_pipeline.data.shards`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fc_pipeline.data.captioning import Captioner, caption_corpus
+from fc_pipeline.data.corpus import scan_corpus
+from fc_pipeline.data.matching import SubjectMatcher, match_corpus
+from fc_pipeline.data.phrases import phrase_corpus
+from fc_pipeline.data.segmentation import Segmenter, segment_corpus
+from fc_pipeline.data.shards import write_shards
+from fc_pipeline.models import ModelProfile, get_profile
+from fc_pipeline.storage import write_json, write_parquet
+
+
+def dataset_model_ids(profile: ModelProfile) -> dict[str, str]:
+    """What each step's model is, as recorded in every sample's json (``models``)."""
+    def named(field: str) -> str:
+        return f"tiny-random:{field}:seed={profile.seed}" if profile.tiny else getattr(profile, field)
+
+    clip = named("matcher_clip") if profile.tiny else f"{profile.matcher_clip}/{profile.matcher_clip_pretrained}"
+    return {
+        "profile": profile.name,
+        "captioner": named("captioner"),
+        "segmenter": named("segmenter"),
+        "matcher_clip": clip,
+        "sbert": profile.sbert,
+        "spacy": profile.spacy,
+    }
+
+
+def build_dataset(
+    source: str | Path,
+    out_dir: str | Path,
+    profile: ModelProfile | str = "tiny",
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+    caption_batch_size: int = 8,
+    max_new_tokens: int = 30,
+    segment_batch_size: int = 4,
+    segment_threshold: float = 0.8,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+    match_threshold: float | None = None,
+    max_subjects: int = 4,
+    samples_per_shard: int = 1000,
+    val_fraction: float = 0.05,
+    val_max: int = 1000,
+    captioner: Captioner | Callable[[], Captioner] | None = None,
+    segmenter: Segmenter | Callable[[], Segmenter] | None = None,
+    matcher: SubjectMatcher | Callable[[], SubjectMatcher] | None = None,
+) -> dict:
+    """Corpus -> captions -> segments -> phrases -> matches -> shards; returns the shard stats
+    plus ``paths`` of every intermediate file and ``seconds`` per step.
+
+    Models are built from ``profile`` only when some image needs them; pass ``captioner``,
+    ``segmenter`` or ``matcher`` (instances or factories) to use others.
+    """
+    profile = get_profile(profile)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    captioner = captioner or _once(lambda: Captioner(profile, device, dtype, max_new_tokens))
+    segmenter = segmenter or _once(
+        lambda: Segmenter(profile, device, segment_threshold, mask_threshold, overlap_mask_area_threshold, dtype)
+    )
+    matcher = matcher or _once(lambda: SubjectMatcher(profile, device, dtype))
+    seconds: dict[str, float] = {}
+    paths: dict[str, str] = {}
+
+    def step(name: str, run: Callable[[], Any]):
+        started = time.perf_counter()
+        table = run()
+        seconds[name] = round(time.perf_counter() - started, 3)
+        paths[name] = str(write_parquet(table, out_dir / f"{name}.parquet"))
+        return table
+
+    corpus = step("images", lambda: scan_corpus(source))
+    captions = step("captions", lambda: caption_corpus(corpus, captioner, batch_size=caption_batch_size))
+    segments = step(
+        "segments", lambda: segment_corpus(corpus, segmenter, out_dir / "segments", batch_size=segment_batch_size)
+    )
+    phrases = step("phrases", lambda: phrase_corpus(captions, spacy_model=profile.spacy))
+    matches = step(
+        "matches",
+        lambda: match_corpus(corpus, segments, phrases, matcher, threshold=match_threshold, max_subjects=max_subjects),
+    )
+    started = time.perf_counter()
+    stats = write_shards(
+        corpus,
+        phrases,
+        segments,
+        matches,
+        out_dir / "shards",
+        samples_per_shard=samples_per_shard,
+        val_fraction=val_fraction,
+        val_max=val_max,
+        models=dataset_model_ids(profile),
+    )
+    seconds["shards"] = round(time.perf_counter() - started, 3)
+    stats["paths"].update(paths)
+    stats["seconds"] = seconds
+    write_json(stats, out_dir / "build_stats.json")
+    return stats
+
+
+def _once(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A factory that builds its model on the first call and returns the same one afterwards."""
+    return lru_cache(maxsize=1)(factory)

@@ -1,0 +1,69 @@
+"""The code location loads, and the instance/workspace config files are valid for this Dagster."""
+
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+import assets
+from assets.resources import DatasetStore, default_data_root
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATASET = ["corpus_images", "captions", "panoptic_segments", "noun_phrases", "subject_matches", "training_shards"]
+BLOCKING = {"caption_non_empty_rate", "shards_readable", "samples_with_subjects", "failure_rate"}
+
+
+def test_definitions_resolve_every_asset_job_and_check():
+    defs = assets.defs
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert set(DATASET) <= keys
+    assert defs.resolve_job_def("build_dataset").name == "build_dataset"
+    assert defs.resolve_implicit_global_asset_job_def() is not None
+    for name in DATASET:
+        node = graph.get(dg.AssetKey(name))
+        assert node.group_name == "dataset"
+        assert node.description, f"{name} has no docstring"
+    assert graph.get(dg.AssetKey("training_shards")).parent_keys == {
+        dg.AssetKey(k) for k in ("corpus_images", "noun_phrases", "panoptic_segments", "subject_matches")
+    }
+    checks = {key.name: key for key in graph.asset_check_keys}
+    assert BLOCKING | {"readable_images"} <= set(checks)
+    specs = {spec.name: spec for a in defs.assets if isinstance(a, dg.AssetsDefinition) for spec in a.check_specs}
+    specs.update({spec.name: spec for c in defs.asset_checks for spec in c.check_specs})
+    assert {name for name in BLOCKING if specs[name].blocking} == BLOCKING
+
+
+def test_model_steps_share_the_gpu_pool():
+    pools = {}
+    for definition in assets.defs.assets:
+        for key in definition.keys:
+            pools[key.to_user_string()] = definition.op.pool
+    assert {k for k in DATASET if pools[k] == "gpu"} == {"captions", "panoptic_segments", "subject_matches"}
+
+
+def test_data_root_defaults_to_env_then_repo(monkeypatch, tmp_path):
+    monkeypatch.delenv("FC_PIPELINE_DATA", raising=False)
+    assert default_data_root() == REPO_ROOT / "data"
+    monkeypatch.setenv("FC_PIPELINE_DATA", str(tmp_path))
+    store = DatasetStore(corpus="street")
+    assert store.source_dir == tmp_path / "corpora" / "street"
+    assert store.path("images.parquet") == tmp_path / "street" / "images.parquet"
+
+
+def test_dagster_yaml_builds_an_instance_with_a_gpu_pool(tmp_path, monkeypatch):
+    (tmp_path / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # the storage block reads it
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        concurrency = instance.get_concurrency_config()
+        assert concurrency.pool_config.default_pool_limit == 1
+        assert concurrency.run_queue_config.max_concurrent_runs >= 1
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert not instance.telemetry_enabled
+        assert Path(instance.root_directory) == tmp_path
+        assert (tmp_path / "history" / "runs.db").exists()
+
+
+def test_workspace_loads_the_assets_module():
+    workspace = yaml.safe_load((REPO_ROOT / "workspace.yaml").read_text())
+    assert workspace["load_from"] == [{"python_module": {"module_name": "assets", "working_directory": "."}}]
