@@ -20,6 +20,16 @@ import pyarrow.parquet as pq
 TEMP_SUFFIX = ".tmp"
 
 
+def _default_file_mode() -> int:
+    # mkstemp creates 0600 files; a finished file gets the mode a plain open() would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temp file beside ``path``; on success it replaces ``path``, on error it is removed."""
@@ -33,6 +43,7 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), _FILE_MODE)
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
