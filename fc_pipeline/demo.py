@@ -9,7 +9,6 @@ library never needs it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +90,6 @@ def run_demo(
     job = defs.resolve_implicit_global_asset_job_def()
     if selection:
         job = job.get_subset(asset_selection={dg.AssetKey(key) for key in selection})
-    os.environ["DAGSTER_HOME"] = str(home)  # dagster.yaml's storage block reads it
     with dg.DagsterInstance.from_config(str(home)) as instance:
         result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     return summarize(result, home)

@@ -51,9 +51,8 @@ def test_data_root_defaults_to_env_then_repo(monkeypatch, tmp_path):
     assert store.path("images.parquet") == tmp_path / "street" / "images.parquet"
 
 
-def test_dagster_yaml_builds_an_instance_with_a_gpu_pool(tmp_path, monkeypatch):
+def test_dagster_yaml_builds_an_instance_with_a_gpu_pool(tmp_path):
     (tmp_path / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # the storage block reads it
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         concurrency = instance.get_concurrency_config()
         assert concurrency.pool_config.default_pool_limit == 1
