@@ -65,10 +65,8 @@ def compute_losses(
     prediction = unet(noisy, timesteps, condition).sample
     masked = torch.rand(latents.shape[0], device=device) < mask_loss_prob
     l_noise = denoising_loss(prediction, target, masks, valid, masked)
-    if localize:
-        l_loc = localization_loss_over_layers(capture.maps, masks, valid)
+    l_loc = localization_loss_over_layers(capture.maps, masks, valid) if localize else torch.zeros((), device=device)
+    if capture is not None:  # maps hold autograd graphs: never keep them past the step
         capture.clear()
-    else:
-        l_loc = torch.zeros((), device=device)
     loss = l_noise + localization_weight * l_loc if localize else l_noise
     return {"loss": loss, "l_noise": l_noise.detach(), "l_loc": l_loc.detach()}
