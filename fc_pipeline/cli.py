@@ -24,7 +24,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from fc_pipeline.demo import run_demo
 
     summary = run_demo(args.data_root, args.dagster_home, demo_images=args.images, selection=args.select)
-    print(summary.report())
+    print(summary.describe())
     return 0 if summary.success else 1
 
 

@@ -32,8 +32,11 @@ class DemoSummary:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     failed_steps: list[str] = field(default_factory=list)
     materialized: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    generated: list[Path] = field(default_factory=list)
+    report: str | None = None
 
-    def report(self) -> str:
+    def describe(self) -> str:
         """A few human-readable lines for the terminal."""
         lines = [
             f"Dagster run {self.run_id}: {'success' if self.success else 'FAILED'} (DAGSTER_HOME={self.dagster_home})",
@@ -51,6 +54,12 @@ class DemoSummary:
                 f"  subjects per sample: {histogram or 'n/a'}",
                 f"  failures by reason: {json.dumps(self.failures_by_reason) if self.failures_by_reason else 'none'}",
             ]
+        if self.checkpoint:
+            lines.append(f"  checkpoint: {self.checkpoint}")
+        for path in self.generated:
+            lines.append(f"  generated: {path}")
+        if self.report:
+            lines.append(f"  evaluation report: {self.report}")
         lines.append(f"  open the UI: DAGSTER_HOME={self.dagster_home} dagster dev -h 127.0.0.1 -w workspace.yaml")
         return "\n".join(lines)
 
@@ -92,7 +101,34 @@ def run_demo(
         job = job.get_subset(asset_selection={dg.AssetKey(key) for key in selection})
     with dg.DagsterInstance.from_config(str(home)) as instance:
         result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
-    return summarize(result, home)
+    summary = summarize(result, home)
+    if summary.checkpoint:
+        summary.generated = generate_demo_images(summary.checkpoint, Path(summary.checkpoint).parent / "demo_generation")
+    return summary
+
+
+DEMO_PROMPT = "a woman <|image|> and a woman <|image|> walking on the beach"
+
+
+def generate_demo_images(checkpoint: str | Path, out_dir: Path) -> list[Path]:
+    """Two subjects, one photo each, through the freshly trained checkpoint (paper §4.3), with
+    the subject tokens' attention maps beside the image. Random tiny weights: the path is the point."""
+    from fc_pipeline.evaluation.subjects import load_subjects, write_demo_subjects
+    from fc_pipeline.generation import load_pipeline, load_subject_images, make_job, run_job
+
+    subjects = load_subjects(write_demo_subjects(out_dir / "subjects"))
+    pipeline = load_pipeline(checkpoint)
+    job = make_job(
+        {
+            "prompt": DEMO_PROMPT,
+            "subjects": [s.references[0] for s in subjects[:2]],
+            "out": out_dir / "beach.png",
+            "steps": 20,
+            "seed": 0,
+            "save_attention": True,
+        }
+    )
+    return run_job(pipeline, job, load_subject_images(job, pipeline))
 
 
 def summarize(result, dagster_home: Path) -> DemoSummary:
@@ -110,6 +146,10 @@ def summarize(result, dagster_home: Path) -> DemoSummary:
         failed_steps=[event.step_key for event in result.get_step_failure_events()],
         materialized=list(materialized),
     )
+    checkpoint = materialized.get("fastcomposer_checkpoint", {}).get("checkpoint")
+    summary.checkpoint = str(checkpoint) if checkpoint else None
+    report = materialized.get("evaluation_report", {})
+    summary.report = str(report["report"]) if "report" in report else None
     shards = materialized.get("training_shards")
     if shards:
         summary.shards = str(shards["path"])
