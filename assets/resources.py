@@ -190,5 +190,6 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "segmenter": SegmenterResource(profile=profile),
         "matcher": MatcherResource(profile=profile),
         "evaluator": EvaluatorResource(profile=profile),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(REPO_ROOT)),  # launches training
     }
 

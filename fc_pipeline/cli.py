@@ -81,12 +81,50 @@ def _run_build_dataset(args: argparse.Namespace) -> int:
 
 # --- train (owner: model) -------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a FastComposer checkpoint from webdataset shards")
+    p = sub.add_parser(
+        "train",
+        help="train a FastComposer checkpoint from webdataset shards",
+        description="Train (or resume) FastComposer. Options given on the command line override --config / --preset; "
+        "the rest are the paper's defaults. Several GPUs: accelerate launch -m fc_pipeline.train --config cfg.json",
+    )
+    p.add_argument("--config", metavar="JSON", help="a JSON file of fc_pipeline.train.TrainConfig fields")
+    p.add_argument("--shards", metavar="DIR", help="dataset directory with train/*.tar (or one .tar URL)")
+    p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, metrics.jsonl, metrics.json")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: the CPU demo (tiny profile, 64 px, batch 4, 30 steps)")
+    p.add_argument("--profile", choices=["tiny", "paper"], help="model profile (default: paper, or the preset's)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (paper 150000)")
+    p.add_argument("--batch-size", type=int, dest="train_batch_size", metavar="N", help="per-process batch size (paper 16)")
+    p.add_argument("--lr", type=float, dest="learning_rate", metavar="LR", help="AdamW learning rate (paper 1e-5)")
+    p.add_argument("--localization-weight", type=float, metavar="λ", help="λ of L_loc (paper 0.001; 0 turns it off)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="resume from the newest checkpoint in --out (default: yes)")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    raise SystemExit("train: not implemented yet")
+    import dataclasses
+
+    from fc_pipeline.train import TrainConfig, train
+
+    names = ("shards", "profile", "max_steps", "train_batch_size", "learning_rate", "localization_weight", "resume")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.out is not None:
+        overrides["output_dir"] = args.out
+    try:
+        if args.config:
+            config = dataclasses.replace(TrainConfig.from_json(args.config), **overrides)
+        elif "shards" not in overrides or "output_dir" not in overrides:
+            raise ValueError("give --shards and --out (or --config)")
+        elif args.preset == "tiny":
+            config = TrainConfig.tiny(**overrides)
+        else:
+            config = TrainConfig(**overrides)
+        result = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"train: {exc}") from None
+    print(f"{result.steps} steps: loss {result.loss:.4f} (L_noise {result.l_noise:.4f}, L_loc {result.l_loc:.4g})")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
 
 
 # --- generate (owner: pipeline) -------------------------------------------------------------

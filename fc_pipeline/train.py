@@ -280,8 +280,9 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.train_batch_size, collate_fn=collate_samples, num_workers=config.num_workers
-    )
+        dataset, batch_size=config.train_batch_size, collate_fn=collate_samples, num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG (checkpointed) untouched
+    )  # fmt: skip
 
     # optimiser: AdamW, constant learning rate
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
