@@ -60,7 +60,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
                       evaluator: EvaluatorResource) -> dg.MaterializeResult:
     """Identity preservation and prompt consistency of the checkpoint, with α sweep and report."""
     checkpoint = checkpoint_path(context, config.checkpoint)
-    out_dir = store.root / "evaluation" / checkpoint.name
+    # a checkpoint is <run>/checkpoint-N: both names, so runs never overwrite each other's report
+    out_dir = store.root / "evaluation" / checkpoint.parent.name / checkpoint.name
     subjects_dir = Path(config.subjects_dir) if config.subjects_dir else write_demo_subjects(store.root / "evaluation" / "demo_subjects")
     settings = config.model_dump(exclude={"checkpoint", "subjects_dir", "resolution"})
     size = config.resolution or None

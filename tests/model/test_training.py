@@ -121,3 +121,33 @@ def test_training_with_lambda_zero_keeps_sdpa_everywhere(synthetic_shards, tmp_p
     assert installed == [] and result.l_loc == 0.0 and result.loss == result.l_noise
     unet = load_components("tiny", pretrained=result.checkpoint)["unet"]
     assert not any(isinstance(p, SubjectAttentionProcessor) for p in unet.attn_processors.values())
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(synthetic_shards, tokenizer):
+    batch = _batch(synthetic_shards, tokenizer)
+
+    def run(checkpointing):
+        components = load_components("tiny")
+        set_trainable(components)
+        components["unet"].train()
+        if checkpointing:
+            components["unet"].enable_gradient_checkpointing()
+        capture = install_attention_capture(components["unet"], TINY_LOCALIZATION_LAYERS)
+        torch.manual_seed(0)
+        losses = compute_losses(components, batch, capture, localization_weight=1.0)
+        losses["loss"].backward()
+        return losses, [p.grad for p in components["unet"].parameters()]
+
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = run(False), run(True)
+    assert checkpointed["l_loc"].item() == pytest.approx(plain["l_loc"].item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, checkpointed_grads))
+
+
+def test_cli_train(synthetic_shards, tmp_path, capsys):
+    from fc_pipeline.cli import main
+
+    assert main(["train", "--preset", "tiny", "--shards", str(synthetic_shards), "--out", str(tmp_path), "--max-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 steps: loss" in out and "checkpoint-0000001" in out
+    with pytest.raises(SystemExit, match="give --shards and --out"):
+        main(["train", "--shards", str(synthetic_shards)])
