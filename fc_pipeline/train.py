@@ -258,8 +258,11 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         saved = json.loads((resume_from / STATE_DIR / TRAINER_STATE).read_text())
         step, position = saved["step"], DataPosition(**saved["position"])
         log(f"resuming from {resume_from} (step {step})")
+    # a resumed run takes every weight from its checkpoint (safetensors), the rest from the state
+    components = load_components(profile, pretrained=resume_from or config.pretrained)
     sampling = SamplingConfig(
         resolution=config.resolution or profile.resolution,
+        latent_scale=2 ** (len(components["vae"].config.block_out_channels) - 1),
         max_subjects=config.max_subjects,
         unconditional_prob=config.unconditional_prob,
         text_only_prob=config.text_only_prob,
@@ -267,8 +270,6 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     )
 
     # model
-    # a resumed run takes every weight from its checkpoint (safetensors), the rest from the state
-    components = load_components(profile, pretrained=resume_from or config.pretrained)
     trainable = set_trainable(components, config.image_encoder_trainable_blocks)
     if config.gradient_checkpointing:
         components["unet"].enable_gradient_checkpointing()

@@ -37,11 +37,12 @@ class SamplingConfig:
     text_only_prob: float = 0.1
     subject_drop_prob: float = 0.1
     subject_labels: tuple[str, ...] = ("person",)  # segment labels that may become subjects
+    latent_scale: int = 8  # the VAE's downsampling factor (SD: 8; the tiny VAE: 2)
 
     @property
     def mask_size(self) -> int:
-        """Masks are kept at latent resolution (the VAE downsamples 8×); every loss map is coarser."""
-        return self.resolution // 8
+        """Masks are kept at latent resolution; every attention map of the loss is coarser."""
+        return self.resolution // self.latent_scale
 
 
 @dataclass(frozen=True, order=True)

@@ -27,7 +27,8 @@ def test_evaluation_report_materialises_with_its_check(tiny_checkpoint, tmp_path
     metadata = result.asset_materializations_for_node("evaluation_report")[0].metadata
     assert metadata["summary"].value.startswith("| checkpoint | setting | method | alpha |")
     assert metadata["alpha_tradeoff"].value.startswith("![alpha sweep](data:image/png;base64,")
-    report = tmp_path / "evaluation" / "tiny-ckpt" / "report.html"
+    # the report folder is named after the run (the checkpoint's parent folder) and the checkpoint
+    report = tmp_path / "evaluation" / tiny_checkpoint.parent.name / "tiny-ckpt" / "report.html"
     assert metadata["report"].value == str(report) and report.is_file()
     assert metadata["images"].value == 4  # (1 single + 1 multi case) × (baseline + α = 0.7)
     assert set(metadata["headline"].value) == {"single", "multi"}

@@ -142,12 +142,3 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(synthetic_sh
     assert checkpointed["l_loc"].item() == pytest.approx(plain["l_loc"].item(), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, checkpointed_grads))
 
-
-def test_cli_train(synthetic_shards, tmp_path, capsys):
-    from fc_pipeline.cli import main
-
-    assert main(["train", "--preset", "tiny", "--shards", str(synthetic_shards), "--out", str(tmp_path), "--max-steps", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "1 steps: loss" in out and "checkpoint-0000001" in out
-    with pytest.raises(SystemExit, match="give --shards and --out"):
-        main(["train", "--shards", str(synthetic_shards)])
