@@ -10,7 +10,7 @@ import argparse
 import sys
 
 
-# --- demo (owner: Dagster/demo) -------------------------------------------------------------
+# --- demo ---
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="materialise the whole Dagster asset chain on the tiny profile")
     p.add_argument("--data-root", help="where corpora and datasets go (default: $FC_PIPELINE_DATA or <repo>/data)")
@@ -28,7 +28,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if summary.success else 1
 
 
-# --- build-dataset (owner: data) ------------------------------------------------------------
+# --- build-dataset ---
 def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-dataset", help="corpus -> captions -> segments -> phrases -> matches -> shards")
     p.add_argument("source", help="corpus folder, or a parquet/jsonl manifest with a 'path' column")
@@ -79,7 +79,7 @@ def _run_build_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- train (owner: model) -------------------------------------------------------------------
+# --- train ---
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -127,7 +127,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- generate (owner: pipeline) -------------------------------------------------------------
+# --- generate ---
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -190,7 +190,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- evaluate (owner: evaluation) -----------------------------------------------------------
+# --- evaluate ---
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="identity preservation and prompt consistency of a checkpoint")
     p.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
