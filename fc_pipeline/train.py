@@ -293,9 +293,6 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     for name in ("vae", "text_encoder"):
         components[name].to(accelerator.device).eval()
     models = {**components, "unet": unet, "fuser": fuser, "image_encoder": image_encoder}
-    # DataLoader.__iter__ draws its base seed from the global torch RNG: start the stream before
-    # restoring the saved RNG, so a resumed run draws exactly what the uninterrupted one drew.
-    data = iter(loader)
     if resume_from is not None:
         _load_optimizer(optimizer, resume_from / STATE_DIR)
         _load_rng(resume_from / STATE_DIR, accelerator.process_index)
@@ -307,6 +304,7 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     progress = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and accelerator.is_main_process), desc="train")
     running = {"loss": 0.0, "l_noise": 0.0, "l_loc": 0.0}
     started = time.perf_counter()
+    data = iter(loader)
     while step < config.max_steps:
         batch = next(data)
         with accelerator.accumulate(unet, fuser, image_encoder):
