@@ -3,11 +3,12 @@
 corpus_images -> captions -> noun_phrases ─┐
              └-> panoptic_segments ────────┴-> subject_matches -> training_shards
 
-Each asset is one call into :mod:`fc_pipeline.data`; its table is written as parquet under the
-corpus's dataset dir (see :class:`~assets.resources.DatasetStore`) and downstream assets read it
-from there, so nothing is pickled. A step whose inputs and settings are unchanged since its last
-run reports ``status: cached`` and does no model work: the fingerprint of what produced a table
-is stored in the parquet's schema metadata.
+Every asset is partitioned by corpus (:mod:`assets.partitions`) and is one call into
+:mod:`fc_pipeline.data`; its table is written as parquet under the corpus's dataset dir (see
+:class:`~assets.resources.DatasetStore`) and downstream assets read it from there, so nothing is
+pickled. Steps are incremental: a re-run computes only the images whose inputs or settings changed
+(:func:`fc_pipeline.data.incremental.update_table`; metadata ``computed``/``reused``, ``status:
+cached`` when nothing was new) and ``training_shards`` appends new shards.
 """
 
 import hashlib
@@ -19,7 +20,6 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field
 
@@ -30,11 +30,12 @@ from fc_pipeline.images import load_image
 from fc_pipeline.models import get_profile
 from fc_pipeline.storage import read_parquet, write_parquet
 
+from .deployment import GPU_OP_TAGS
 from .metadata import caption_examples, contact_sheet, failure_counts, markdown_table, overlay_segments, save_preview
-from .resources import DEFAULT_CORPUS, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
+from .partitions import corpus_partitions
+from .resources import DEMO_CORPUS, GPU_POOL, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
 
 GROUP = "dataset"
-FINGERPRINT_KEY = b"fc_pipeline.inputs"
 PREVIEW_IMAGES = 4
 
 IMAGES = "images.parquet"
@@ -51,8 +52,8 @@ PREVIEWS = "previews"
 class CorpusImagesConfig(dg.Config):
     source: str = Field(
         default="",
-        description="Corpus folder or parquet/jsonl manifest. Empty: <data_root>/corpora/<corpus>; "
-        "for the 'demo' corpus the demo images are drawn there first.",
+        description="Corpus folder or parquet/jsonl manifest. Empty: <data_root>/corpora/<partition> "
+        "(folder, or .jsonl/.parquet manifest); the 'demo' corpus is drawn there when missing.",
     )
     demo_images: int = Field(default=DEMO_SIZE, description="Size of the drawn demo corpus.")
 
@@ -81,6 +82,7 @@ class ShardsConfig(dg.Config):
     samples_per_shard: int = Field(default=1000, description="Samples per webdataset tar.")
     val_fraction: float = Field(default=0.05, description="Share of images held out for validation.")
     val_max: int = Field(default=1000, description="At most this many validation images.")
+    rebuild: bool = Field(default=False, description="Rewrite every shard (otherwise new images only go into new shards).")
 
 
 # --- step bookkeeping -------------------------------------------------------------------------
@@ -98,20 +100,22 @@ def step_fingerprint(inputs: list[Path], settings: dict) -> str:
     return digest.hexdigest()
 
 
-def run_step(output: Path, inputs: list[Path], settings: dict, compute: Callable[[], pa.Table]) -> tuple[pa.Table, str]:
-    """Compute and write ``output`` unless it was produced from the same inputs and settings.
-
-    Returns the table and ``"computed"`` or ``"cached"``.
-    """
-    missing = [str(p) for p in inputs if not p.exists()]
+def read_inputs(store: DatasetStore, corpus: str, *names: str) -> list[pa.Table]:
+    """The upstream tables of a step, with a clear error when one was never materialised."""
+    paths = [store.path(corpus, name) for name in names]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise dg.Failure(f"upstream output missing: {missing}; materialise the upstream assets first")
-    fingerprint = step_fingerprint(inputs, settings).encode()
-    if output.exists() and (pq.read_schema(output).metadata or {}).get(FINGERPRINT_KEY) == fingerprint:
-        return read_parquet(output), "cached"
-    table = compute()
-    write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint}), output)
-    return table, "computed"
+        raise dg.Failure(f"upstream output missing: {missing}; materialise the upstream assets of partition {corpus!r} first")
+    return [read_parquet(p) for p in paths]
+
+
+def update_step(output: Path, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table]) -> tuple[pa.Table, dict]:
+    """Bring a step's table up to date (only images it has not seen are computed); the table and
+    the counts for the asset's metadata."""
+    from fc_pipeline.data.incremental import update_table
+
+    update = update_table(output, inputs, settings, compute)
+    return update.table, {"status": update.status, "computed": update.computed, "reused": update.reused, "dropped": update.dropped}
 
 
 def _resource_settings(resource: dg.ConfigurableResource) -> dict:
@@ -121,9 +125,12 @@ def _resource_settings(resource: dg.ConfigurableResource) -> dict:
 def _result(
     context: dg.AssetExecutionContext, *, status: str, rows: int, failures: dict, path: Path, version: str, **metadata
 ) -> dg.MaterializeResult:
-    context.log.info(f"{context.asset_key.to_user_string()}: {status}, {rows} rows, failures {failures or 'none'}")
+    context.log.info(
+        f"{context.asset_key.to_user_string()}[{context.partition_key}]: {status}, {rows} rows, failures {failures or 'none'}"
+    )
     return dg.MaterializeResult(
         metadata={
+            "corpus": context.partition_key,
             "status": status,
             "rows": rows,
             "failed": sum(failures.values()),
@@ -135,16 +142,16 @@ def _result(
     )
 
 
-def _table_result(context: dg.AssetExecutionContext, table: pa.Table, output: Path, status: str, **metadata) -> dg.MaterializeResult:
+def _table_result(context: dg.AssetExecutionContext, table: pa.Table, output: Path, counts: dict, **metadata) -> dg.MaterializeResult:
     return _result(
-        context, status=status, rows=table.num_rows, failures=failure_counts(table), path=output, version=file_digest(output), **metadata
+        context, rows=table.num_rows, failures=failure_counts(table), path=output, version=file_digest(output), **counts, **metadata
     )
 
 
-def _preview(store: DatasetStore, name: str, pictures: list[Image.Image]) -> dict:
+def _preview(store: DatasetStore, corpus: str, name: str, pictures: list[Image.Image]) -> dict:
     if not pictures:
         return {}
-    path = store.path(PREVIEWS) / f"{name}.png"
+    path = store.path(corpus, PREVIEWS) / f"{name}.png"
     markdown = save_preview(contact_sheet(pictures), path)
     return {"preview": dg.MetadataValue.md(markdown), "preview_path": dg.MetadataValue.path(str(path))}
 
@@ -160,50 +167,66 @@ def _segment_overlays(corpus: pa.Table, segments: pa.Table, chosen: dict[str, li
 
 
 # --- assets -----------------------------------------------------------------------------------
-@dg.asset(group_name=GROUP, kinds={"parquet"})
+DATASET_ASSET = {"group_name": GROUP, "partitions_def": corpus_partitions}
+MODEL_STEP = {**DATASET_ASSET, "pool": GPU_POOL, "op_tags": GPU_OP_TAGS}
+
+
+@dg.asset(**DATASET_ASSET, kinds={"parquet"})
 def corpus_images(context: dg.AssetExecutionContext, config: CorpusImagesConfig, store: DatasetStore) -> dg.MaterializeResult:
-    """Every image of the raw corpus, once (id = sha256 prefix of its bytes), with the caption and
-    panoptic annotation the corpus provides and a reason code for files that cannot be read."""
+    """Every image of the corpus, once (id = sha256 prefix of its bytes), with the caption and
+    panoptic annotation the corpus provides and a reason code for files that cannot be read.
+    Files already scanned keep their decode result; only new files are decoded."""
+    from fc_pipeline.data.corpora import corpus_signature
     from fc_pipeline.data.corpus import scan_corpus
 
-    source = Path(config.source) if config.source else store.source_dir
-    if not config.source and store.corpus == DEFAULT_CORPUS:
+    corpus = context.partition_key
+    source = Path(config.source) if config.source else store.source(corpus)
+    if not config.source and corpus == DEMO_CORPUS:
         context.log.info(f"drawing the demo corpus ({config.demo_images} files) into {source}")
         make_demo_corpus(source, n=config.demo_images)
-    output = store.path(IMAGES)
+    if not source.exists():
+        raise dg.Failure(f"corpus {corpus!r} not found: no folder or manifest at {source}")
+    output = store.path(corpus, IMAGES)
+    previous = read_parquet(output) if output.exists() else None
+    signature = corpus_signature(source)
     context.log.info(f"scanning {source}")
-    # Scanning re-reads every file anyway, so the fingerprint is the scan's own result.
-    scanned = scan_corpus(source)
-    table, status = run_step(output, [], {"scan": scanned.to_pylist()}, lambda: scanned)
+    table = scan_corpus(source, previous=previous)
+    unchanged = previous is not None and previous.equals(table)
+    if not unchanged:
+        write_parquet(table, output)
+    known = set() if previous is None else set(previous.column("id").to_pylist())
+    new_ids = set(table.column("id").to_pylist()) - known
     readable = table.filter(pc.is_null(table.column("error")))
     sample = [load_image(p) for p in readable.column("path").to_pylist()[:PREVIEW_IMAGES]]
     return _table_result(
         context,
         table,
         output,
-        status,
+        {"status": "cached" if unchanged else "computed" if previous is None else "updated", "new_images": len(new_ids)},
         source=dg.MetadataValue.path(str(source)),
+        source_signature=signature,
         images=table.num_rows,
         readable=readable.num_rows,
         with_caption=table.num_rows - table.column("caption").null_count,
         with_annotation=table.num_rows - table.column("annotation").null_count,
-        **_preview(store, "corpus_images", sample),
+        **_preview(store, corpus, "corpus_images", sample),
     )
 
 
-@dg.asset(group_name=GROUP, deps=[corpus_images], pool="gpu", kinds={"pytorch", "parquet"})
+@dg.asset(**MODEL_STEP, deps=[corpus_images], kinds={"pytorch", "parquet"})
 def captions(
     context: dg.AssetExecutionContext, config: CaptionsConfig, store: DatasetStore, captioner: CaptionerResource
 ) -> dg.MaterializeResult:
     """A caption per image: the one the corpus provides, else BLIP-2's (model built only if needed)."""
     from fc_pipeline.data.captioning import caption_corpus
 
-    output = store.path(CAPTIONS)
-    table, status = run_step(
+    corpus = context.partition_key
+    output = store.path(corpus, CAPTIONS)
+    table, counts = update_step(
         output,
-        [store.path(IMAGES)],
+        read_inputs(store, corpus, IMAGES),
         {"captioner": _resource_settings(captioner)},
-        lambda: caption_corpus(read_parquet(store.path(IMAGES)), captioner.load, batch_size=config.batch_size),
+        lambda images: caption_corpus(images, captioner.load, batch_size=config.batch_size),
     )
     sources = table.column("caption_source").to_pylist()
     rows = [r for r in table.to_pylist() if r["caption"]]
@@ -212,28 +235,28 @@ def captions(
         context,
         table,
         output,
-        status,
+        counts,
         provided=sources.count("provided"),
         generated=sources.count("model"),
         examples=dg.MetadataValue.md(markdown_table(examples, ["id", "caption_source", "caption"])),
     )
 
 
-@dg.asset(group_name=GROUP, deps=[corpus_images], pool="gpu", kinds={"pytorch", "parquet"})
+@dg.asset(**MODEL_STEP, deps=[corpus_images], kinds={"pytorch", "parquet"})
 def panoptic_segments(
     context: dg.AssetExecutionContext, config: SegmentsConfig, store: DatasetStore, segmenter: SegmenterResource
 ) -> dg.MaterializeResult:
     """Panoptic segments per image (Mask2Former, or the corpus's own annotation) and a 16-bit id map."""
     from fc_pipeline.data.segmentation import segment_corpus
 
-    output = store.path(SEGMENTS)
-    table, status = run_step(
+    corpus = context.partition_key
+    output = store.path(corpus, SEGMENTS)
+    (images,) = read_inputs(store, corpus, IMAGES)
+    table, counts = update_step(
         output,
-        [store.path(IMAGES)],
+        [images],
         {"segmenter": _resource_settings(segmenter)},
-        lambda: segment_corpus(
-            read_parquet(store.path(IMAGES)), segmenter.load, store.path(SEGMENT_MAPS), batch_size=config.batch_size
-        ),
+        lambda rows: segment_corpus(rows, segmenter.load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size),
     )
     per_image = {r["id"]: json.loads(r["segments"] or "[]") for r in table.to_pylist() if not r["error"]}
     labels = [s["label"] for segs in per_image.values() for s in segs]
@@ -243,57 +266,57 @@ def panoptic_segments(
         context,
         table,
         output,
-        status,
+        counts,
         segments=len(labels),
         person_segments=labels.count("person"),
         provided=sources.count("provided"),
         predicted=sources.count("model"),
-        segment_maps=dg.MetadataValue.path(str(store.path(SEGMENT_MAPS))),
-        **_preview(store, "panoptic_segments", _segment_overlays(read_parquet(store.path(IMAGES)), table, dict(list(shown.items())[:PREVIEW_IMAGES]))),
+        segment_maps=dg.MetadataValue.path(str(store.path(corpus, SEGMENT_MAPS))),
+        **_preview(store, corpus, "panoptic_segments", _segment_overlays(images, table, dict(list(shown.items())[:PREVIEW_IMAGES]))),
     )
 
 
-@dg.asset(group_name=GROUP, deps=[captions], kinds={"spacy", "parquet"})
+@dg.asset(**DATASET_ASSET, deps=[captions], kinds={"spacy", "parquet"})
 def noun_phrases(context: dg.AssetExecutionContext, config: PhrasesConfig, store: DatasetStore) -> dg.MaterializeResult:
     """Noun phrases of each caption (spaCy), numbered plurals expanded: "two women" -> "a woman and a woman"."""
     from fc_pipeline.data.phrases import phrase_corpus
 
-    output = store.path(PHRASES)
+    corpus = context.partition_key
+    output = store.path(corpus, PHRASES)
     spacy_model = get_profile(config.profile).spacy
-    table, status = run_step(
+    table, counts = update_step(
         output,
-        [store.path(CAPTIONS)],
+        read_inputs(store, corpus, CAPTIONS),
         {"spacy": spacy_model},
-        lambda: phrase_corpus(read_parquet(store.path(CAPTIONS)), spacy_model=spacy_model, batch_size=config.batch_size),
+        lambda rows: phrase_corpus(rows, spacy_model=spacy_model, batch_size=config.batch_size),
     )
     rows = [r for r in table.to_pylist() if not r["error"]]
     return _table_result(
         context,
         table,
         output,
-        status,
+        counts,
         phrases=sum(len(json.loads(r["phrases"] or "[]")) for r in rows),
         expanded_captions=sum(r["caption"] != r["raw_caption"] for r in rows),
         examples=dg.MetadataValue.md(caption_examples(table)),
     )
 
 
-@dg.asset(group_name=GROUP, deps=[corpus_images, panoptic_segments, noun_phrases], pool="gpu", kinds={"pytorch", "parquet"})
+@dg.asset(**MODEL_STEP, deps=[corpus_images, panoptic_segments, noun_phrases], kinds={"pytorch", "parquet"})
 def subject_matches(
     context: dg.AssetExecutionContext, config: MatchesConfig, store: DatasetStore, matcher: MatcherResource
 ) -> dg.MaterializeResult:
     """Subjects per image: noun phrases matched one-to-one to ``person`` segments (CLIP × SBERT score)."""
     from fc_pipeline.data.matching import match_corpus
 
-    inputs = [store.path(IMAGES), store.path(SEGMENTS), store.path(PHRASES)]
-    output = store.path(MATCHES)
-    table, status = run_step(
+    corpus = context.partition_key
+    output = store.path(corpus, MATCHES)
+    images, segments, phrases = read_inputs(store, corpus, IMAGES, SEGMENTS, PHRASES)
+    table, counts = update_step(
         output,
-        inputs,
+        [images, segments, phrases],
         {"matcher": _resource_settings(matcher), "threshold": config.threshold, "max_subjects": config.max_subjects},
-        lambda: match_corpus(
-            *(read_parquet(p) for p in inputs), matcher.load, threshold=config.threshold, max_subjects=config.max_subjects
-        ),
+        lambda *rows: match_corpus(*rows, matcher.load, threshold=config.threshold, max_subjects=config.max_subjects),
     )
     subjects = {r["id"]: json.loads(r["subjects"] or "[]") for r in table.to_pylist() if not r["error"]}
     histogram = np.bincount([len(s) for s in subjects.values()], minlength=config.max_subjects + 1).tolist()
@@ -302,19 +325,15 @@ def subject_matches(
         context,
         table,
         output,
-        status,
+        counts,
         subjects=sum(histogram[k] * k for k in range(len(histogram))),
         images_with_subjects=len(shown),
         subjects_per_image=dg.MetadataValue.json({str(k): n for k, n in enumerate(histogram)}),
-        **_preview(
-            store,
-            "subject_matches",
-            _segment_overlays(read_parquet(store.path(IMAGES)), read_parquet(store.path(SEGMENTS)), dict(list(shown.items())[:PREVIEW_IMAGES])),
-        ),
+        **_preview(store, corpus, "subject_matches", _segment_overlays(images, segments, dict(list(shown.items())[:PREVIEW_IMAGES]))),
     )
 
 
-@dg.asset(group_name=GROUP, deps=[corpus_images, noun_phrases, panoptic_segments, subject_matches], kinds={"webdataset"})
+@dg.asset(**DATASET_ASSET, deps=[corpus_images, noun_phrases, panoptic_segments, subject_matches], kinds={"webdataset"})
 def training_shards(
     context: dg.AssetExecutionContext,
     config: ShardsConfig,
@@ -324,20 +343,24 @@ def training_shards(
     matcher: MatcherResource,
 ) -> dg.MaterializeResult:
     """Webdataset shards (train/val) of every image with at least one subject, plus the failure
-    ledger of every image left out. Complete shards of an unchanged plan are kept (resume)."""
+    ledger of every image left out. New images go into new shards; complete shards are never rewritten."""
     from fc_pipeline.data.shards import read_samples, write_shards
 
-    out_dir = store.path(SHARDS)
+    corpus = context.partition_key
+    out_dir = store.path(corpus, SHARDS)
     models = {"profile": captioner.profile, **captioner.model_ids(), **segmenter.model_ids(), **matcher.model_ids()}
     stats = write_shards(
-        *(read_parquet(store.path(name)) for name in (IMAGES, PHRASES, SEGMENTS, MATCHES)),
+        *read_inputs(store, corpus, IMAGES, PHRASES, SEGMENTS, MATCHES),
         out_dir,
         samples_per_shard=config.samples_per_shard,
         val_fraction=config.val_fraction,
         val_max=config.val_max,
         models=models,
+        rebuild=config.rebuild,
     )
-    context.log.info(f"shards written: {len(stats['written'])}, kept from an earlier run: {len(stats['skipped'])}")
+    context.log.info(
+        f"shards: {stats['mode']}, {len(stats['written'])} written, {len(stats['skipped'])} kept, {stats['appended']} new samples"
+    )
     sidecars = sorted(out_dir.glob("*/[0-9]*.parquet"))
     samples = list(read_samples(out_dir, "train"))[:PREVIEW_IMAGES]
     examples = [
@@ -347,11 +370,17 @@ def training_shards(
     overlays = [overlay_segments(s["image"], s["seg"], [x["segment_id"] for x in s["meta"]["subjects"]]) for s in samples]
     return _result(
         context,
-        status="computed" if stats["written"] else "cached",
+        status={"unchanged": "cached", "appended": "updated", "rebuilt": "computed"}[stats["mode"]],
         rows=stats["samples"],
         failures=stats["failures"],
         path=out_dir,
         version=step_fingerprint(sidecars, {}),
+        mode=stats["mode"],
+        appended=stats["appended"],
+        shards_written=len(stats["written"]),
+        shards_kept=len(stats["skipped"]),
+        stale=stats["stale"],
+        orphaned=stats["orphaned"],
         images_in=stats["images"],
         samples_out=dg.MetadataValue.json({split: s["samples"] for split, s in stats["splits"].items()}),
         shards=dg.MetadataValue.json({split: len(s["shards"]) for split, s in stats["splits"].items()}),
@@ -359,5 +388,5 @@ def training_shards(
         failure_ledger=dg.MetadataValue.path(stats["paths"]["failures"]),
         models=dg.MetadataValue.json(models),
         examples=dg.MetadataValue.md(markdown_table(examples, ["id", "caption", "subjects"])),
-        **_preview(store, "training_shards", overlays),
+        **_preview(store, corpus, "training_shards", overlays),
     )

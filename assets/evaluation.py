@@ -12,7 +12,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.resources import DatasetStore, EvaluatorResource
+from assets.deployment import GPU_OP_TAGS
+from assets.resources import GPU_POOL, DatasetStore, EvaluatorResource
 from fc_pipeline.evaluation.report import SUMMARY_COLUMNS, markdown_table
 from fc_pipeline.evaluation.runner import EvaluationConfig, run_evaluation
 from fc_pipeline.evaluation.subjects import write_demo_subjects
@@ -55,7 +56,7 @@ def checkpoint_path(context: dg.AssetExecutionContext, configured: str) -> Path:
     raise dg.Failure(f"{CHECKPOINT_ASSET.to_user_string()} recorded none of the metadata keys {CHECKPOINT_METADATA_KEYS}")
 
 
-@dg.asset(deps=[CHECKPOINT_ASSET], group_name="evaluation", pool="gpu", kinds={"pytorch", "parquet"})
+@dg.asset(deps=[CHECKPOINT_ASSET], group_name="evaluation", pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "parquet"})
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, store: DatasetStore,
                       evaluator: EvaluatorResource) -> dg.MaterializeResult:
     """Identity preservation and prompt consistency of the checkpoint, with α sweep and report."""

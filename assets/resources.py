@@ -17,7 +17,8 @@ import dagster as dg
 from fc_pipeline.models import ModelProfile, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = "demo"
+DEMO_CORPUS = "demo"
+GPU_POOL = "gpu"  # Dagster concurrency pool of every step that needs the accelerator
 
 
 def default_data_root() -> Path:
@@ -40,31 +41,47 @@ def _load_once(factory: type, profile: ModelProfile, **settings: Any) -> Any:
 
 
 class DatasetStore(dg.ConfigurableResource):
-    """Paths of one corpus: raw images under ``corpora/<corpus>``, derived files under ``<corpus>/``.
+    """Where corpora live: raw images under ``<data_root>/corpora/<corpus>`` (a folder, or a
+    ``<corpus>.jsonl``/``.parquet`` manifest), derived files of a corpus under
+    ``<data_root>/datasets/<corpus>/``; training runs under ``<data_root>/checkpoints``.
 
-    ``data_root`` empty means ``$FC_PIPELINE_DATA`` or ``<repo>/data``.
+    ``data_root`` empty means ``$FC_PIPELINE_DATA`` or ``<repo>/data``. The corpus name is the
+    asset partition key (see :mod:`assets.partitions`).
     """
 
     data_root: str = ""
-    corpus: str = DEFAULT_CORPUS
 
     @property
     def root(self) -> Path:
         return Path(self.data_root) if self.data_root else default_data_root()
 
     @property
-    def source_dir(self) -> Path:
-        """Default location of the corpus's raw images (a folder)."""
-        return self.root / "corpora" / self.corpus
+    def corpora_dir(self) -> Path:
+        """The folder the corpus sensor watches for new corpora."""
+        return self.root / "corpora"
+
+    def corpora(self) -> dict[str, Path]:
+        """``{name: folder or manifest}`` of the corpora present under :attr:`corpora_dir`."""
+        from fc_pipeline.data.corpora import discover_corpora
+
+        return discover_corpora(self.corpora_dir)
+
+    def source(self, corpus: str) -> Path:
+        """The corpus's raw images: its folder or manifest (the folder path when neither exists yet)."""
+        return self.corpora().get(corpus, self.corpora_dir / corpus)
+
+    def dataset_dir(self, corpus: str) -> Path:
+        """Where the intermediate parquet files, segment maps and shards of the corpus go."""
+        return self.root / "datasets" / corpus
 
     @property
-    def dataset_dir(self) -> Path:
-        """Where the intermediate parquet files, segment maps and shards of the corpus go."""
-        return self.root / self.corpus
+    def checkpoints_dir(self) -> Path:
+        """Training runs (over all corpora): ``<data_root>/checkpoints/run-<id>``."""
+        return self.root / "checkpoints"
 
-    def path(self, name: str) -> Path:
+    def path(self, corpus: str, name: str) -> Path:
         """A file or folder of the corpus's dataset dir (``images.parquet``, ``shards``, ...)."""
-        return self.dataset_dir / name
+        return self.dataset_dir(corpus) / name
 
 
 class CaptionerResource(dg.ConfigurableResource):

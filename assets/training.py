@@ -1,14 +1,18 @@
-"""Training asset (paper §4.2): a FastComposer checkpoint trained on the corpus's shards.
+"""Training asset (paper §4.2): one FastComposer checkpoint trained on the shards of every corpus.
 
-``fastcomposer_checkpoint`` writes the run's :class:`fc_pipeline.train.TrainConfig` as JSON and
-launches ``python -m fc_pipeline.train`` (``accelerate launch`` for several processes) through
-Dagster Pipes: the child streams its log lines and reports steps, final losses and the
-checkpoint path; this side adds the loss curve and the data version of the shards it trained on.
+``fastcomposer_checkpoint`` depends on all partitions of ``training_shards``. It trains only on
+corpora whose blocking shard checks passed on their latest shards (a corpus with a failed check
+stops the run with the list of problems), writes the run's :class:`fc_pipeline.train.TrainConfig`
+as JSON and launches ``python -m fc_pipeline.train`` (``accelerate launch`` for several processes
+or machines, :func:`fc_pipeline.launch.training_command`) through Dagster Pipes: the child streams
+its log lines and reports steps, final losses and the checkpoint path; this side adds the loss
+curve and the data versions of the shards it trained on.
 
-A run's directory is ``<data_root>/<corpus>/checkpoints/run-<id>``, ``<id>`` a hash of everything
-that shapes the trajectory (hyper-parameters and shards' data version, not ``max_steps``), so
-re-materialising the same settings resumes the run (or returns at once when it is complete), and
-raising ``max_steps`` continues it.
+A run's directory is ``<data_root>/checkpoints/run-<id>``, ``<id>`` a hash of everything that
+shapes the trajectory (hyper-parameters, effective batch and the shards' data versions, not
+``max_steps``), so re-materialising the same settings resumes the run (or returns at once when it
+is complete), and raising ``max_steps`` continues it. A CUDA out-of-memory exit is retried (twice)
+with half the per-process batch and twice the gradient accumulation: same effective batch.
 """
 
 import dataclasses
@@ -23,24 +27,31 @@ import dagster as dg
 from PIL import Image
 from pydantic import Field
 
+from fc_pipeline.launch import training_command
 from fc_pipeline.storage import write_json
+from fc_pipeline.train import OOM_EXIT_CODE
 
-from .dataset import SHARDS, step_fingerprint
+from .checks import failed_shard_checks
+from .dataset import SHARDS, step_fingerprint, training_shards
+from .deployment import GPU_OP_TAGS
 from .metadata import save_preview
-from .resources import DatasetStore
+from .partitions import corpus_partitions
+from .resources import GPU_POOL, DatasetStore
 
-SHARDS_ASSET = dg.AssetKey("training_shards")
 DATA_VERSION_TAG = "dagster/data_version"
-CHECKPOINTS = "checkpoints"
+OOM_RETRIES = 2
 # settings that do not change what a step computes: a run that differs only in these resumes
-RUN_INDEPENDENT = ("output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "resume", "progress")
+RUN_INDEPENDENT = ("output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "resume", "progress",
+                   "train_batch_size", "gradient_accumulation_steps")
 
 
 class TrainingConfig(dg.Config):
     """Hyper-parameters of the run. Defaults: the CPU demo (``TrainConfig.tiny``); paper values in
     each description (8 GPUs × batch 16, 150k steps)."""
 
-    shards: str = Field(default="", description="Dataset dir with train/*.tar; empty: the store's shards dir.")
+    corpora: list[str] = Field(default=[], description="Corpora (partitions) to train on; empty: every registered corpus with shards.")
+    shards: list[str] = Field(default=[], description="Dataset dirs/URLs with train/*.tar to use instead of the corpora's shards.")
+    require_passing_checks: bool = Field(default=True, description="Refuse corpora whose blocking shard checks did not pass.")
     profile: str = Field(default="tiny", description="Model profile: tiny (random, offline) or paper (SD 1.5 + CLIP-L/14).")
     pretrained: str = Field(default="", description="Start from this FastComposer checkpoint; empty: the profile's weights.")
     resolution: int = Field(default=64, description="Training image size in px; 0: the profile's (paper 512).")
@@ -65,38 +76,67 @@ class TrainingConfig(dg.Config):
     seed: int = Field(default=42, description="Seed of the model's noise and of the data stream.")
     num_workers: int = Field(default=0, description="DataLoader worker processes.")
     resume: bool = Field(default=True, description="Resume the run's newest checkpoint, if any.")
-    num_processes: int = Field(default=0, description="Training processes; 0: one per visible GPU, else 1 (paper 8).")
+    num_processes: int = Field(default=0, description="Training processes per machine; 0: one per visible GPU, else 1 (paper 8).")
+    num_machines: int = Field(default=1, description="Machines of a multi-node run (this step is rank 0; see docs/deploy-k8s.md).")
+    main_process_ip: str = Field(default="", description="Address of rank 0 for a multi-node run.")
+    main_process_port: int = Field(default=29500, description="Rendezvous port of a multi-node run.")
 
 
-def shards_data_version(context: dg.AssetExecutionContext, shards_dir: Path) -> str:
-    """The data version ``training_shards`` last recorded, else the fingerprint it would record."""
-    event = context.instance.get_latest_materialization_event(SHARDS_ASSET)
-    recorded = event.asset_materialization.tags.get(DATA_VERSION_TAG) if event and event.asset_materialization else None
+# asset-only fields: which data, how many processes; the rest is the library's TrainConfig
+ASSET_ONLY = ("corpora", "shards", "require_passing_checks", "num_processes", "num_machines", "main_process_ip", "main_process_port")
+
+
+def training_corpora(context: dg.AssetExecutionContext, config: TrainingConfig, store: DatasetStore) -> list[str]:
+    """The corpora to train on: configured, else every registered one with shards; refuses corpora
+    whose blocking shard checks did not pass on their latest shards."""
+    registered = context.instance.get_dynamic_partitions(corpus_partitions.name)
+    corpora = list(config.corpora) or [c for c in registered if (store.path(c, SHARDS) / "train").is_dir()]
+    unknown = sorted(set(corpora) - set(registered))
+    if unknown:
+        raise dg.Failure(f"not registered corpora: {unknown}; registered: {registered}")
+    if not corpora:
+        raise dg.Failure("no corpus has training shards yet; materialise training_shards for a corpus first")
+    failing = failed_shard_checks(context.instance, corpora) if config.require_passing_checks else {}
+    if failing:
+        raise dg.Failure(
+            "blocking checks have not passed on the latest shards of: "
+            + "; ".join(f"{corpus} ({', '.join(checks)})" for corpus, checks in failing.items())
+            + ". Fix the data and re-materialise those partitions, or leave them out with config `corpora`.",
+            metadata={"failing_checks": dg.MetadataValue.json(failing)},
+        )
+    return corpora
+
+
+def shards_data_version(context: dg.AssetExecutionContext, corpus: str, shards_dir: Path) -> str:
+    """The data version ``training_shards`` last recorded for the corpus, else the fingerprint it would record."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=training_shards.key, asset_partitions=[corpus]), limit=1
+    ).records
+    materialization = records[0].asset_materialization if records else None
+    recorded = materialization.tags.get(DATA_VERSION_TAG) if materialization and materialization.tags else None
     return recorded or step_fingerprint(sorted(shards_dir.glob("*/[0-9]*.parquet")), {})[:16]
 
 
-def train_config(config: TrainingConfig, shards: Path, runs_dir: Path, data_version: str):
-    """The library's ``TrainConfig`` of the asset config, in the run's own directory."""
+def train_config(config: TrainingConfig, shards: list[str], runs_dir: Path, data_versions: dict[str, str], retry: int = 0):
+    """The library's ``TrainConfig`` of the asset config, in the run's own directory; retry ``k``
+    after an out-of-memory exit uses a 2^k times smaller batch with 2^k times the accumulation."""
     from fc_pipeline.train import TrainConfig
 
-    options = config.model_dump(exclude={"shards", "num_processes"})
+    options = config.model_dump(exclude=set(ASSET_ONLY))
+    split = min(2**retry, options["train_batch_size"])
     options.update(
         pretrained=config.pretrained or None,
         resolution=config.resolution or None,
         localization_layers=config.localization_layers or None,
+        train_batch_size=options["train_batch_size"] // split,
+        gradient_accumulation_steps=options["gradient_accumulation_steps"] * split,
         progress=False,
     )
-    identity = {k: v for k, v in options.items() if k not in RUN_INDEPENDENT} | {"shards": data_version}
+    effective_batch = options["train_batch_size"] * options["gradient_accumulation_steps"]
+    identity = {k: v for k, v in options.items() if k not in RUN_INDEPENDENT}
+    identity |= {"effective_batch": effective_batch, "shards": data_versions}
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return TrainConfig(shards=str(shards), output_dir=str(runs_dir / f"run-{run_id}"), **options)
-
-
-def launch_command(config_path: Path, num_processes: int) -> list[str]:
-    """``python -m fc_pipeline.train`` for one process, ``accelerate launch`` for several."""
-    if num_processes <= 1:
-        return [sys.executable, "-m", "fc_pipeline.train", "--config", str(config_path)]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    return [*launcher, "-m", "fc_pipeline.train", "--config", str(config_path)]
+    return TrainConfig(shards=shards, output_dir=str(runs_dir / f"run-{run_id}"), **options)
 
 
 def loss_curve(metrics_path: Path, out_path: Path) -> str:
@@ -122,33 +162,54 @@ def loss_curve(metrics_path: Path, out_path: Path) -> str:
     return save_preview(Image.open(buffer), out_path)
 
 
-@dg.asset(deps=[SHARDS_ASSET], group_name="training", pool="gpu", kinds={"pytorch", "safetensors"})
+@dg.asset(
+    deps=[dg.AssetDep(training_shards, partition_mapping=dg.AllPartitionMapping())],
+    group_name="training",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    kinds={"pytorch", "safetensors"},
+)
 def fastcomposer_checkpoint(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
     store: DatasetStore,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    """FastComposer (fuser, UNet, last CLIP vision blocks) trained with L_noise + λ·L_loc; a
-    diffusers checkpoint directory (``FastComposerPipeline.from_pretrained``)."""
+    """FastComposer (fuser, UNet, last CLIP vision blocks) trained with L_noise + λ·L_loc on the
+    shards of every corpus; a diffusers checkpoint directory (``FastComposerPipeline.from_pretrained``)."""
     import torch
 
-    shards = Path(config.shards) if config.shards else store.path(SHARDS)
-    if not (shards / "train").is_dir():
-        raise dg.Failure(f"no training shards in {shards}/train; materialise training_shards first")
-    data_version = shards_data_version(context, shards)
-    run = train_config(config, shards, store.path(CHECKPOINTS), data_version)
+    if config.shards:
+        datasets = {f"shards[{i}]": Path(url) for i, url in enumerate(config.shards)}
+        versions = {name: step_fingerprint(sorted(path.glob("*/[0-9]*.parquet")), {})[:16] for name, path in datasets.items()}
+    else:
+        datasets = {corpus: store.path(corpus, SHARDS) for corpus in training_corpora(context, config, store)}
+        versions = {corpus: shards_data_version(context, corpus, path) for corpus, path in datasets.items()}
+    run = train_config(config, [str(path) for path in datasets.values()], store.checkpoints_dir, versions, context.retry_number)
     run_dir = Path(run.output_dir)
     config_path = run_dir / "train_config.json"
     write_json(dataclasses.asdict(run), config_path)
     processes = config.num_processes or max(1, torch.cuda.device_count())
-    command = launch_command(config_path, processes)
-    context.log.info(f"training in {run_dir}: {' '.join(command)}")
+    command = training_command(
+        config_path,
+        num_processes=processes * config.num_machines,
+        num_machines=config.num_machines,
+        main_process_ip=config.main_process_ip or None,
+        main_process_port=config.main_process_port,
+    )
+    context.log.info(f"training on {list(datasets)} in {run_dir}: {' '.join(command)}")
     # On CPU one OpenMP thread is fastest for these models: two threads on a busy machine spin.
     env = {} if torch.cuda.is_available() else {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    reported = pipes_subprocess_client.run(command=command, context=context, env=env).get_materialize_result()
+    try:
+        reported = pipes_subprocess_client.run(command=command, context=context, env=env).get_materialize_result()
+    except dg.DagsterPipesExecutionError as error:
+        if f"code {OOM_EXIT_CODE}" in str(error) and run.train_batch_size > 1:
+            context.log.warning(f"out of GPU memory at batch {run.train_batch_size}; retrying with half the batch")
+            raise dg.RetryRequested(max_retries=OOM_RETRIES) from error
+        raise
 
     curve_path = run_dir / "loss_curve.png"
+    samples = {name: _sample_count(path) for name, path in datasets.items()}
     return dg.MaterializeResult(
         metadata={
             **(reported.metadata or {}),
@@ -156,10 +217,20 @@ def fastcomposer_checkpoint(
             "loss_curve_path": dg.MetadataValue.path(str(curve_path)),
             "run_dir": dg.MetadataValue.path(str(run_dir)),
             "train_config": dg.MetadataValue.path(str(config_path)),
-            "shards": dg.MetadataValue.path(str(shards)),
-            "shards_data_version": data_version,
-            "num_processes": processes,
+            "corpora": dg.MetadataValue.json(list(datasets)),
+            "shards_data_versions": dg.MetadataValue.json(versions),
+            "train_samples": dg.MetadataValue.json(samples),
+            "dataset_samples": sum(samples.values()),
+            "train_batch_size": run.train_batch_size,
+            "gradient_accumulation_steps": run.gradient_accumulation_steps,
+            "num_processes": processes * config.num_machines,
         },
         check_results=reported.check_results,
         tags=reported.tags,
     )
+
+
+def _sample_count(shards_dir: Path) -> int:
+    """Training samples of a dataset (its ``train/_stats.json``; 0 when unknown)."""
+    stats = shards_dir / "train" / "_stats.json"
+    return json.loads(stats.read_text())["samples"] if stats.exists() else 0

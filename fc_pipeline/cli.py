@@ -1,4 +1,4 @@
-"""The ``fc-pipeline`` command: build-dataset, train, generate, evaluate, demo.
+"""The ``fc-pipeline`` command: demo, instance, corpus, build-dataset, train, generate, evaluate.
 
 Each sub-command is one ``_add_<name>`` (arguments) and one ``_run_<name>`` (a call into the
 library). Heavy imports happen inside the run functions so ``--help`` stays instant.
@@ -26,6 +26,50 @@ def _run_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.data_root, args.dagster_home, demo_images=args.images, selection=args.select)
     print(summary.describe())
     return 0 if summary.success else 1
+
+
+# --- instance ---
+def _add_instance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("instance", help="set up the Dagster instance dir (dagster.yaml, gpu pool = number of GPUs)")
+    p.add_argument("--dagster-home", help="instance directory (default: $DAGSTER_HOME or <repo>/.dagster_home)")
+    p.set_defaults(func=_run_instance)
+
+
+def _run_instance(args: argparse.Namespace) -> int:
+    from fc_pipeline.instance import prepare_dagster_home
+
+    print(prepare_dagster_home(args.dagster_home))
+    return 0
+
+
+# --- corpus ---
+def _add_corpus(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("corpus", help="the registered corpora (Dagster `corpus` partitions) of an instance")
+    p.add_argument("action", choices=("add", "list", "failed"),
+                   help="add NAME...: register corpora; list: all; failed: those whose last dataset build failed")
+    p.add_argument("names", nargs="*", help="corpus names (for add)")
+    p.add_argument("--dagster-home", help="instance directory (default: $DAGSTER_HOME or <repo>/.dagster_home)")
+    p.add_argument("--sep", default=",", help="separator of the printed names (default ',' as `--partitions` takes)")
+    p.set_defaults(func=_run_corpus)
+
+
+def _run_corpus(args: argparse.Namespace) -> int:
+    from fc_pipeline.instance import failed_corpora, register_corpora, registered_corpora
+
+    if args.action == "add":
+        if not args.names:
+            raise SystemExit("corpus add: name at least one corpus")
+        try:
+            new = register_corpora(args.names, args.dagster_home)
+        except ValueError as exc:
+            raise SystemExit(f"corpus add: {exc}") from None
+        print(f"registered: {', '.join(new) or 'nothing new'}", file=sys.stderr)
+        return 0
+    if args.names:
+        raise SystemExit(f"corpus {args.action}: takes no names")
+    names = registered_corpora(args.dagster_home) if args.action == "list" else failed_corpora(args.dagster_home)
+    print(args.sep.join(names))
+    return 0
 
 
 # --- build-dataset ---
@@ -261,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="FastComposer: tuning-free multi-subject personalised text-to-image generation.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_build_dataset, _add_train, _add_generate, _add_evaluate):
+    for add in (_add_demo, _add_instance, _add_corpus, _add_build_dataset, _add_train, _add_generate, _add_evaluate):
         add(sub)
     return parser
 

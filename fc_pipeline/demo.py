@@ -1,21 +1,21 @@
 """``fc-pipeline demo``: materialise every asset of the Dagster code location on the demo corpus.
 
 The run goes through a real :class:`dagster.DagsterInstance` at ``DAGSTER_HOME`` (default
-``<repo>/.dagster_home``, seeded with the repo's ``dagster.yaml``), so ``dagster dev`` shows the
-run, its logs and the assets' metadata afterwards. Dagster is imported lazily: the rest of the
-library never needs it.
+``<repo>/.dagster_home``, seeded with the repo's ``dagster.yaml``), with the ``demo`` corpus
+registered as a partition, so ``dagster dev`` shows the run, its logs and the assets' metadata
+afterwards. Dagster is imported lazily: the rest of the library never needs it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DAGSTER_HOME = REPO_ROOT / ".dagster_home"
+from fc_pipeline.instance import prepare_dagster_home, register_corpora
+
+DEMO_CORPUS = "demo"
 
 
 @dataclass
@@ -64,16 +64,6 @@ class DemoSummary:
         return "\n".join(lines)
 
 
-def prepare_dagster_home(path: str | Path | None = None) -> Path:
-    """Create ``path`` (default ``<repo>/.dagster_home``) and copy the repo's dagster.yaml into it
-    unless one is already there (a user's own instance config is never overwritten)."""
-    home = Path(path or DEFAULT_DAGSTER_HOME).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    return home
-
-
 def run_demo(
     data_root: str | Path | None = None,
     dagster_home: str | Path | None = None,
@@ -90,6 +80,7 @@ def run_demo(
     from assets import defs
 
     home = prepare_dagster_home(dagster_home)
+    register_corpora([DEMO_CORPUS], home)
     # step-level DEBUG events stay in the instance (and the UI); the terminal gets INFO
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if data_root is not None:
@@ -100,7 +91,9 @@ def run_demo(
     if selection:
         job = job.get_subset(asset_selection={dg.AssetKey(key) for key in selection})
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, run_config=run_config, partition_key=DEMO_CORPUS, raise_on_error=False
+        )
     summary = summarize(result, home)
     if summary.checkpoint:
         summary.generated = generate_demo_images(summary.checkpoint, Path(summary.checkpoint).parent / "demo_generation")

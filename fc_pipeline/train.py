@@ -34,6 +34,7 @@ from fc_pipeline.storage import atomic_write, write_json
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
+OOM_EXIT_CODE = 75  # EX_TEMPFAIL: the accelerator ran out of memory; a smaller batch may fit
 
 
 @dataclass
@@ -384,10 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = TrainConfig.from_json(args.config)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and "DAGSTER_PIPES_CONTEXT" in os.environ:
-        result = _run_with_pipes(config)
-    else:
-        result = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        if is_main and "DAGSTER_PIPES_CONTEXT" in os.environ:
+            result = _run_with_pipes(config)
+        else:
+            result = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except torch.OutOfMemoryError as error:
+        print(f"out of accelerator memory at per-process batch {config.train_batch_size}: {error}", file=sys.stderr)
+        return OOM_EXIT_CODE
     if is_main:
         print(json.dumps(result.summary()))
     return 0

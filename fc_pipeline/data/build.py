@@ -13,14 +13,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from fc_pipeline.data.captioning import Captioner, caption_corpus
 from fc_pipeline.data.corpus import scan_corpus
+from fc_pipeline.data.incremental import update_table
 from fc_pipeline.data.matching import SubjectMatcher, match_corpus
 from fc_pipeline.data.phrases import phrase_corpus
 from fc_pipeline.data.segmentation import Segmenter, segment_corpus
 from fc_pipeline.data.shards import write_shards
 from fc_pipeline.models import ModelProfile, get_profile
-from fc_pipeline.storage import write_json, write_parquet
+from fc_pipeline.storage import read_parquet, write_json, write_parquet
 
 
 def dataset_model_ids(profile: ModelProfile) -> dict[str, str]:
@@ -62,10 +65,14 @@ def build_dataset(
     matcher: SubjectMatcher | Callable[[], SubjectMatcher] | None = None,
 ) -> dict:
     """Corpus -> captions -> segments -> phrases -> matches -> shards; returns the shard stats
-    plus ``paths`` of every intermediate file and ``seconds`` per step.
+    plus ``paths`` of every intermediate file, ``seconds`` per step and, per model step,
+    ``steps[name] = {computed, reused, dropped}`` rows.
 
-    Models are built from ``profile`` only when some image needs them; pass ``captioner``,
-    ``segmenter`` or ``matcher`` (instances or factories) to use others.
+    A re-run on the same ``out_dir`` only processes images whose inputs or settings changed, e.g.
+    the new files of a grown corpus (see :mod:`fc_pipeline.data.incremental`). Models are built
+    from ``profile`` only when some image needs them; pass ``captioner``, ``segmenter`` or
+    ``matcher`` (instances or factories) to use others — the step settings name the profile's
+    models, so use a fresh ``out_dir`` when swapping models that way.
     """
     profile = get_profile(profile)
     out_dir = Path(out_dir)
@@ -75,25 +82,55 @@ def build_dataset(
         lambda: Segmenter(profile, device, segment_threshold, mask_threshold, overlap_mask_area_threshold, dtype)
     )
     matcher = matcher or _once(lambda: SubjectMatcher(profile, device, dtype))
+    model_ids = dataset_model_ids(profile)
     seconds: dict[str, float] = {}
     paths: dict[str, str] = {}
+    steps: dict[str, dict[str, int]] = {}
 
-    def step(name: str, run: Callable[[], Any]):
+    def step(name: str, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table]) -> pa.Table:
         started = time.perf_counter()
-        table = run()
+        update = update_table(out_dir / f"{name}.parquet", inputs, settings, compute)
         seconds[name] = round(time.perf_counter() - started, 3)
-        paths[name] = str(write_parquet(table, out_dir / f"{name}.parquet"))
-        return table
+        paths[name] = str(out_dir / f"{name}.parquet")
+        steps[name] = {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
+        return update.table
 
-    corpus = step("images", lambda: scan_corpus(source))
-    captions = step("captions", lambda: caption_corpus(corpus, captioner, batch_size=caption_batch_size))
-    segments = step(
-        "segments", lambda: segment_corpus(corpus, segmenter, out_dir / "segments", batch_size=segment_batch_size)
+    started = time.perf_counter()
+    corpus = scan_corpus(source, previous=_previous_scan(out_dir / "images.parquet"))
+    paths["images"] = str(write_parquet(corpus, out_dir / "images.parquet"))
+    seconds["images"] = round(time.perf_counter() - started, 3)
+    captions = step(
+        "captions",
+        [corpus],
+        {"model": model_ids["captioner"], "dtype": dtype, "max_new_tokens": max_new_tokens},
+        lambda images: caption_corpus(images, captioner, batch_size=caption_batch_size),
     )
-    phrases = step("phrases", lambda: phrase_corpus(captions, spacy_model=profile.spacy))
+    segments = step(
+        "segments",
+        [corpus],
+        {
+            "model": model_ids["segmenter"],
+            "dtype": dtype,
+            "thresholds": [segment_threshold, mask_threshold, overlap_mask_area_threshold],
+        },
+        lambda images: segment_corpus(images, segmenter, out_dir / "segments", batch_size=segment_batch_size),
+    )
+    phrases = step(
+        "phrases",
+        [captions],
+        {"spacy": profile.spacy},
+        lambda rows: phrase_corpus(rows, spacy_model=profile.spacy),
+    )
     matches = step(
         "matches",
-        lambda: match_corpus(corpus, segments, phrases, matcher, threshold=match_threshold, max_subjects=max_subjects),
+        [corpus, segments, phrases],
+        {
+            "models": [model_ids["matcher_clip"], model_ids["sbert"]],
+            "dtype": dtype,
+            "threshold": match_threshold,
+            "max_subjects": max_subjects,
+        },
+        lambda *tables: match_corpus(*tables, matcher, threshold=match_threshold, max_subjects=max_subjects),
     )
     started = time.perf_counter()
     stats = write_shards(
@@ -105,13 +142,22 @@ def build_dataset(
         samples_per_shard=samples_per_shard,
         val_fraction=val_fraction,
         val_max=val_max,
-        models=dataset_model_ids(profile),
+        models=model_ids,
     )
     seconds["shards"] = round(time.perf_counter() - started, 3)
     stats["paths"].update(paths)
     stats["seconds"] = seconds
+    stats["steps"] = steps
     write_json(stats, out_dir / "build_stats.json")
     return stats
+
+
+def _previous_scan(path: Path) -> pa.Table | None:
+    """The corpus table of an earlier build, if there is a readable one."""
+    try:
+        return read_parquet(path)
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def _once(factory: Callable[[], Any]) -> Callable[[], Any]:

@@ -43,17 +43,27 @@ CORPUS_SCHEMA = pa.schema(
 )
 
 
-def scan_corpus(source: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4) -> pa.Table:
+def scan_corpus(
+    source: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int = 4,
+    previous: pa.Table | None = None,
+) -> pa.Table:
     """One row per distinct image of ``source`` (folder or manifest); see the module docstring.
 
     Columns: ``id, path, sha256, width, height, caption, annotation, error, duplicates``.
-    Every file is decoded once, so unusable ones get an ``error`` reason code here.
+    Every file is decoded once, so unusable ones get an ``error`` reason code here. With
+    ``previous`` (an earlier scan of the corpus), a file at the same path with the same sha256
+    keeps its earlier decode result (size or error) and is only hashed; captions and annotations
+    are read afresh.
     """
     entries = _list_entries(Path(source))
+    decoded = _decode_results(previous, max_pixels)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         scanned = list(
             tqdm(
-                pool.map(lambda entry: _scan_entry(entry, max_pixels), entries),
+                pool.map(lambda entry: _scan_entry(entry, max_pixels, decoded), entries),
                 total=len(entries),
                 desc="scan corpus",
                 disable=len(entries) < 50,
@@ -136,7 +146,23 @@ def _resolve(base: Path, path: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _scan_entry(entry: dict, max_pixels: int) -> dict:
+def _decode_results(previous: pa.Table | None, max_pixels: int) -> dict[tuple[str, str], dict]:
+    """``(path, sha256) -> {width, height, error}`` of the files of ``previous`` that need no new decode.
+
+    An image over ``max_pixels``, or one refused as too large, is decoded again: the limit may differ.
+    """
+    results = {}
+    for row in [] if previous is None else previous.to_pylist():
+        too_large = row["error"] == "too_large" or (row["width"] or 0) * (row["height"] or 0) > max_pixels
+        if row["sha256"] is None or too_large:
+            continue
+        result = {"width": row["width"], "height": row["height"], "error": row["error"]}
+        for path in [row["path"], *row["duplicates"]]:
+            results[(path, row["sha256"])] = result
+    return results
+
+
+def _scan_entry(entry: dict, max_pixels: int, decoded: dict[tuple[str, str], dict]) -> dict:
     path = Path(entry["path"])
     caption = (entry["caption"] or "").strip() or None
     row = {
@@ -163,6 +189,9 @@ def _scan_entry(entry: dict, max_pixels: int) -> dict:
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
     row["id"] = row["sha256"][:16]
+    if (row["path"], row["sha256"]) in decoded:
+        row.update(decoded[(row["path"], row["sha256"])])
+        return row
     try:
         image = load_image(data, max_pixels=max_pixels)
         row["width"], row["height"] = image.size

@@ -2,14 +2,25 @@
 
 Layout under ``out_dir``: ``train/00000.tar``, ``val/00000.tar``, … with per sample ``<id>.jpg``
 (RGB, EXIF-transposed), ``<id>.json`` and ``<id>.seg.png`` (16-bit segment ids, 0 = none); beside
-each shard a parquet of its rows; ``<split>/_stats.json``; and ``failures.parquet``, the ledger
-of every image that is not in a shard, with the step and reason.
+each shard its sidecar, a parquet of its rows (with the samples that failed while packing it in
+its metadata); ``<split>/_stats.json``; ``failures.parquet``, the ledger of every image of the
+corpus that is not in a shard, with the step and reason; and ``_dataset.json``, the settings that
+shape the samples (``models``, ``val_fraction``, ``val_max``).
 
-The split is stable per image id: ids are ranked by a hash and the first
-``min(val_max, round(val_fraction · n))`` go to ``val`` — at least one when there are ≥ 2
-samples and ``val_fraction > 0`` (so a small corpus still validates). Shards are written under a
-temp name and renamed. A shard whose parquet records the same plan (sample ids and their
-metadata) is complete and skipped on a re-run; stale shards beyond the plan are removed.
+Append-only, so that a growing corpus costs only its new images: a shard is complete when its tar
+and its sidecar exist, and is never rewritten. A re-run writes the samples whose id is in no
+sidecar into new shards numbered after the last one of their split. Only a change of the settings
+in ``_dataset.json`` (or ``rebuild=True``) rewrites every shard. The tar, then its sidecar, is
+written under a temp name and renamed: a killed run leaves at most a tar without a sidecar, which
+the next run removes and writes again.
+
+The split is per image id, so a sample never changes split as the corpus grows:
+``u(id) = int(sha256("split:" + id)[:16], 16) / 2**64``, and a new sample goes to ``val`` iff
+``u < val_fraction`` while val stays within ``val_max`` (new samples taken by increasing ``u``).
+If the dataset would then have no val sample while it has ≥ 2 samples and ``val_fraction > 0``,
+the new sample with the smallest ``u`` goes to val (so a small corpus still validates). Val is
+thus about ``val_fraction`` of the corpus, at most ``val_max`` (DESIGN §4: min(1000, 5 %)), and
+independent of the order images arrive in until ``val_max`` is reached.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 JPEG_QUALITY = 95
-PLAN_KEY = b"fc_pipeline.shard_plan"
+DATASET_RECORD = "_dataset.json"
 FAILURES_KEY = b"fc_pipeline.shard_failures"
 CAPTION_REASONS = ("empty_caption", "caption_failed")
 
@@ -49,9 +61,19 @@ SIDECAR_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("meta_sha256", pa.string()),  # of the sample's json: tells when the corpus has changed it
     ]
 )
 FAILURES_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("step", pa.string()), ("reason", pa.string())])
+
+
+class ShardIndex(NamedTuple):
+    """What a complete shard holds, from its sidecar: its samples and the images it left out."""
+
+    ids: list[str]
+    n_subjects: list[int]
+    digests: list[str]
+    failures: list[dict]
 
 
 def write_shards(
@@ -65,46 +87,66 @@ def write_shards(
     val_fraction: float = 0.05,
     val_max: int = 1000,
     models: dict | None = None,
+    rebuild: bool = False,
 ) -> dict:
-    """Write the train/val shards of every image without error; return the stats.
+    """Append new shards for the images without error that are in no shard yet; return the stats.
 
-    Stats: ``images``, ``samples``, per split ``{samples, shards, subjects_histogram}``,
-    ``subjects_histogram``, ``failures`` (reason -> count), ``written``/``skipped`` shard
-    paths of this run, and ``paths`` (out_dir, failures ledger, shard lists).
+    Stats, totals over every shard of the dataset: ``images`` (of this corpus), ``samples``, per
+    split ``{samples, shards, subjects_histogram}``, ``subjects_histogram``, ``failures`` (reason ->
+    count, from the ledger). Of this call: ``mode`` (``rebuilt``, ``appended`` or ``unchanged``),
+    ``appended`` (samples written), ``written``/``skipped`` (shard paths written / kept),
+    ``stale`` (samples in a shard whose metadata the corpus has changed since: ``rebuild`` to
+    refresh them) and ``orphaned`` (samples in a shard whose image left the corpus). ``paths``:
+    out_dir, the failures ledger, the shards of each split.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_max < 0:
+        raise ValueError(f"val_max must be >= 0, got {val_max}")
     out_dir = Path(out_dir)
     records, ledger = _join(corpus, phrases, segments, matches, models or {})
-    splits = split_ids(sorted(records), val_fraction, val_max)
-    written, skipped = [], []
-    per_split = {}
-    for split, ids in splits.items():
-        split_dir = out_dir / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(split_dir, n_shards=-(-len(ids) // samples_per_shard))
-        histogram: Counter = Counter()
-        shard_names = []
-        for index, shard_ids in enumerate(batches(ids, samples_per_shard)):
-            shard = split_dir / f"{index:05d}.tar"
-            shard_names.append(shard.name)
-            plan = _plan_digest([records[i] for i in shard_ids])
-            failures = _completed_shard_failures(shard, plan)
-            if failures is None:
-                failures = _write_shard(shard, [records[i] for i in shard_ids], plan)
-                written.append(str(shard))
-            else:
-                skipped.append(str(shard))
-            ledger.extend(failures)
-            failed = {f["id"] for f in failures}
-            histogram.update(records[i]["meta"]["n_subjects"] for i in shard_ids if i not in failed)
-        per_split[split] = {
-            "samples": sum(histogram.values()),
-            "shards": shard_names,
-            "subjects_histogram": {str(k): histogram[k] for k in sorted(histogram)},
-        }
+    settings = json.loads(json.dumps({"models": models or {}, "val_fraction": val_fraction, "val_max": val_max}))
+    reason = "rebuild requested" if rebuild else _settings_change(out_dir, settings)
+    if reason:
+        logger.warning("rewriting every shard of %s: %s", out_dir, reason)
+        for path in _shard_files(out_dir):
+            path.unlink()
+    if reason or not (out_dir / DATASET_RECORD).is_file():
+        write_json(settings, out_dir / DATASET_RECORD)
+
+    shards = {split: _complete_shards(out_dir / split) for split in SPLITS}
+    indexes = [index for split in shards.values() for index in split.values()]
+    sharded = {i: digest for index in indexes for i, digest in zip(index.ids, index.digests)}
+    shard_failures = {f["id"]: f for index in indexes for f in index.failures}
+    # every image of the corpus is a sample of some shard, or once in the ledger
+    ledger = [f for f in ledger if f["id"] not in sharded]
+    ledger += [f for i, f in shard_failures.items() if i in records and i not in sharded]
+    in_corpus = set(corpus.column("id").to_pylist())
+    # an image of the corpus that is not in ``records`` now fails a step
+    stale = sum(i in in_corpus and (i not in records or records[i]["digest"] != digest) for i, digest in sharded.items())
+    orphaned = sum(i not in in_corpus for i in sharded)
+    if stale:
+        logger.warning(
+            "%d sample(s) in the shards of %s no longer match the corpus (e.g. an edited caption) and keep "
+            "their old metadata; write the shards with rebuild=True to refresh them", stale, out_dir,
+        )  # fmt: skip
+
+    new_ids = sorted(i for i in records if i not in sharded and i not in shard_failures)
+    existing = {split: sum(len(index.ids) for index in split_shards.values()) for split, split_shards in shards.items()}
+    skipped = [str(out_dir / split / name) for split in SPLITS for name in sorted(shards[split])]
+    written, appended = [], 0
+    for split, ids in split_ids(new_ids, val_fraction, val_max, existing=existing).items():
+        first = max((int(Path(name).stem) + 1 for name in shards[split]), default=0)
+        for number, shard_ids in enumerate(batches(ids, samples_per_shard), start=first):
+            shard = out_dir / split / f"{number:05d}.tar"
+            index = shards[split][shard.name] = _write_shard(shard, [records[i] for i in shard_ids])
+            written.append(str(shard))
+            appended += len(index.ids)
+            ledger += index.failures
+
+    per_split = {split: _split_stats(split_shards) for split, split_shards in shards.items()}
     failure_counts = dict(sorted(Counter(f["reason"] for f in ledger).items()))
     ledger_path = write_parquet(pa.Table.from_pylist(ledger, schema=FAILURES_SCHEMA), out_dir / "failures.parquet")
     for split, stats in per_split.items():
@@ -118,6 +160,10 @@ def write_shards(
         "splits": per_split,
         "subjects_histogram": {str(k): total_histogram[k] for k in sorted(total_histogram)},
         "failures": failure_counts,
+        "mode": "rebuilt" if reason else "appended" if written else "unchanged",
+        "appended": appended,
+        "stale": stale,
+        "orphaned": orphaned,
         "written": written,
         "skipped": skipped,
         "paths": {
@@ -128,13 +174,25 @@ def write_shards(
     }
 
 
-def split_ids(ids: list[str], val_fraction: float = 0.05, val_max: int = 1000) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...]}``, each sorted; see the module docstring for the rule."""
-    n = len(ids)
-    n_val = 0 if val_fraction <= 0 or n < 2 else min(val_max, max(1, round(val_fraction * n)), n - 1)
-    ranked = sorted(ids, key=lambda image_id: hashlib.sha256(f"split:{image_id}".encode()).hexdigest())
-    val = set(ranked[:n_val])
-    return {"train": sorted(i for i in ids if i not in val), "val": sorted(val)}
+def split_position(image_id: str) -> float:
+    """``u(id)`` in [0, 1), where an image falls in the train/val split (module docstring)."""
+    return int(hashlib.sha256(f"split:{image_id}".encode()).hexdigest()[:16], 16) / 2**64
+
+
+def split_ids(
+    ids: list[str], val_fraction: float = 0.05, val_max: int = 1000, existing: dict[str, int] | None = None
+) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...]}`` of new ids, each sorted, by the rule of the module
+    docstring; ``existing``: the samples already in each split's shards."""
+    existing = existing or {}
+    ranked = sorted(ids, key=lambda image_id: (split_position(image_id), image_id))
+    room = max(0, val_max - existing.get("val", 0))
+    val = [image_id for image_id in ranked if split_position(image_id) < val_fraction][:room]
+    total = len(ranked) + sum(existing.values())
+    if not val and not existing.get("val") and ranked and total >= 2 and val_fraction > 0 and val_max > 0:
+        val = ranked[:1]
+    chosen = set(val)
+    return {"train": sorted(i for i in ids if i not in chosen), "val": sorted(chosen)}
 
 
 def shard_urls(out_dir: str | Path, split: str = "train") -> list[str]:
@@ -196,7 +254,8 @@ def _join(corpus: pa.Table, phrases: pa.Table, segments: pa.Table, matches: pa.T
             "source": {"path": row["path"], "sha256": row["sha256"], "width": row["width"], "height": row["height"]},
             "models": models,
         }
-        records[row["id"]] = {"id": row["id"], "seg_path": seg["seg_path"], "meta": {**meta, "n_subjects": len(subjects)}}
+        meta["n_subjects"] = len(subjects)
+        records[row["id"]] = {"id": row["id"], "seg_path": seg["seg_path"], "meta": meta, "digest": _digest(meta)}
     return records, ledger
 
 
@@ -215,27 +274,71 @@ def _first_failure(row: dict, phr: dict, seg: dict, match: dict) -> tuple[str | 
     return None, None
 
 
-def _plan_digest(records: list[dict]) -> str:
-    payload = json.dumps([(r["id"], r["meta"]) for r in records], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _completed_shard_failures(shard: Path, plan: str) -> list[dict] | None:
-    """The shard-time failures of a complete shard with this plan; ``None`` if it must be (re)written."""
-    sidecar = shard.with_suffix(".parquet")
-    if not (shard.is_file() and sidecar.is_file()):
+def _shard_files(out_dir: Path) -> list[Path]:
+    """The shards and sidecars of every split (complete or not)."""
+    return [path for split in SPLITS for path in sorted((out_dir / split).glob("[0-9]*.*")) if path.suffix in (".tar", ".parquet")]
+
+
+def _settings_change(out_dir: Path, settings: dict) -> str | None:
+    """Why the shards in ``out_dir`` do not fit ``settings``; ``None`` when they do (or there are none)."""
+    record = out_dir / DATASET_RECORD
+    if record.is_file():
+        recorded = json.loads(record.read_text())
+        changed = sorted(key for key in settings.keys() | recorded.keys() if recorded.get(key) != settings.get(key))
+        return f"{', '.join(changed)} changed since they were written" if changed else None
+    if _shard_files(out_dir):
+        return f"they have no {DATASET_RECORD} (written by an earlier version)"
+    return None
+
+
+def _complete_shards(split_dir: Path) -> dict[str, ShardIndex]:
+    """The complete shards of a split by name; removes temp files, tars without a readable
+    sidecar (a killed run: their samples are written again) and sidecars without a tar."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for temp in split_dir.glob(f".*{TEMP_SUFFIX}"):
+        temp.unlink()
+    complete = {}
+    for shard in sorted(split_dir.glob("[0-9]*.tar")):
+        index = _read_sidecar(shard.with_suffix(".parquet"))
+        if index is None:
+            logger.warning("%s has no complete sidecar: removed, its samples are written again", shard)
+            shard.unlink()
+        else:
+            complete[shard.name] = index
+    for sidecar in split_dir.glob("[0-9]*.parquet"):
+        if sidecar.with_suffix(".tar").name not in complete:
+            sidecar.unlink()
+    return complete
+
+
+def _read_sidecar(sidecar: Path) -> ShardIndex | None:
+    if not sidecar.is_file():
         return None
     try:
-        metadata = pq.read_schema(sidecar).metadata or {}
+        table = pq.read_table(sidecar, columns=["id", "n_subjects", "meta_sha256"])
     except (OSError, pa.ArrowInvalid):
         return None
-    if metadata.get(PLAN_KEY) != plan.encode():
-        return None
-    return json.loads(metadata.get(FAILURES_KEY, b"[]"))
+    failures = json.loads((table.schema.metadata or {}).get(FAILURES_KEY, b"[]"))
+    ids, n_subjects, digests = (table.column(name).to_pylist() for name in ("id", "n_subjects", "meta_sha256"))
+    return ShardIndex(ids, n_subjects, digests, failures)
 
 
-def _write_shard(shard: Path, records: list[dict], plan: str) -> list[dict]:
-    """Write one tar (temp + rename), then its parquet sidecar; return the samples that failed."""
+def _split_stats(shards: dict[str, ShardIndex]) -> dict:
+    """``{samples, shards, subjects_histogram}`` of a split's complete shards."""
+    histogram = Counter(n for index in shards.values() for n in index.n_subjects)
+    return {
+        "samples": sum(histogram.values()),
+        "shards": sorted(shards),
+        "subjects_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+    }
+
+
+def _write_shard(shard: Path, records: list[dict]) -> ShardIndex:
+    """Write one tar (temp + rename), then its sidecar; return what it holds."""
     import webdataset as wds
 
     rows, failures = [], []
@@ -262,14 +365,13 @@ def _write_shard(shard: Path, records: list[dict], plan: str) -> list[dict]:
                     "path": meta["source"]["path"],
                     "width": meta["source"]["width"],
                     "height": meta["source"]["height"],
+                    "meta_sha256": record["digest"],
                 }
             )
         writer.close()
-    sidecar = pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA).replace_schema_metadata(
-        {PLAN_KEY: plan.encode(), FAILURES_KEY: json.dumps(failures).encode()}
-    )
-    write_parquet(sidecar, shard.with_suffix(".parquet"))
-    return failures
+    sidecar = pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA)
+    write_parquet(sidecar.replace_schema_metadata({FAILURES_KEY: json.dumps(failures).encode()}), shard.with_suffix(".parquet"))
+    return ShardIndex([r["id"] for r in rows], [r["n_subjects"] for r in rows], [r["meta_sha256"] for r in rows], failures)
 
 
 def _encode_sample(record: dict) -> dict:
@@ -286,12 +388,3 @@ def _encode_sample(record: dict) -> dict:
         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
         "seg.png": Path(record["seg_path"]).read_bytes(),
     }
-
-
-def _remove_leftovers(split_dir: Path, n_shards: int) -> None:
-    """Delete temp files of a killed run and shards beyond the current plan."""
-    for path in split_dir.iterdir():
-        if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
-            path.unlink()
-        elif path.suffix in (".tar", ".parquet") and path.stem.isdigit() and int(path.stem) >= n_shards:
-            path.unlink()

@@ -1,4 +1,4 @@
-"""One small demo corpus pushed through the dataset chain once per session (in-process)."""
+"""One small demo corpus (partition ``demo``) pushed through the dataset chain once per session (in-process)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +29,34 @@ DATASET_CHECKS = [
 ]
 
 
+CORPUS = "demo"
+
+
 @dataclass
 class Chain:
     root: Path
     resources: dict
+    instance: dg.DagsterInstance
     result: dg.ExecuteInProcessResult
 
     def store(self) -> DatasetStore:
         return self.resources["store"]
 
-    def materialize(self, selection: list, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
-        """Run ``selection`` (assets and checks) again on the same data root."""
+    def path(self, name: str) -> Path:
+        """A file of the demo corpus's dataset dir."""
+        return self.store().path(CORPUS, name)
+
+    def materialize(
+        self, selection: list, run_config: dict | None = None, partition: str = CORPUS
+    ) -> dg.ExecuteInProcessResult:
+        """Run ``selection`` (assets and checks) again on the same data root and instance."""
         return dg.materialize(
-            selection, resources=self.resources, run_config=RUN_CONFIG if run_config is None else run_config, raise_on_error=False
+            selection,
+            resources=self.resources,
+            instance=self.instance,
+            partition_key=partition,
+            run_config=RUN_CONFIG if run_config is None else run_config,
+            raise_on_error=False,
         )
 
 
@@ -60,5 +75,9 @@ def chain(tmp_path_factory) -> Chain:
         # a random tiny BLIP-2 says nothing better with 30 tokens than with 8
         "captioner": CaptionerResource(max_new_tokens=8),
     }
-    result = dg.materialize(DATASET_ASSETS + DATASET_CHECKS, resources=resources, run_config=RUN_CONFIG)
-    return Chain(root, resources, result)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("corpus", [CORPUS])
+        result = dg.materialize(
+            DATASET_ASSETS + DATASET_CHECKS, resources=resources, instance=instance, partition_key=CORPUS, run_config=RUN_CONFIG
+        )
+        yield Chain(root, resources, instance, result)

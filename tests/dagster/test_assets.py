@@ -16,7 +16,8 @@ BARE = [s for s in SCENES if s.caption is None]
 
 def test_corpus_and_caption_counts_match_the_corpus(chain):
     corpus = metadata(chain.result, "corpus_images")
-    assert corpus["status"] == "computed"
+    assert corpus["status"] == "computed" and corpus["corpus"] == "demo"
+    assert corpus["new_images"] == SMALL_CORPUS and len(corpus["source_signature"]) == 16
     assert corpus["images"] == corpus["rows"] == SMALL_CORPUS
     assert corpus["readable"] == SMALL_CORPUS - 1
     assert corpus["failures_by_reason"] == {"truncated": 1}
@@ -26,6 +27,7 @@ def test_corpus_and_caption_counts_match_the_corpus(chain):
     assert Image.open(corpus["preview_path"]).height == 128
 
     captions = metadata(chain.result, "captions")
+    assert (captions["computed"], captions["reused"]) == (SMALL_CORPUS, 0)
     assert captions["provided"] == len(SCENES) - len(BARE)
     assert captions["generated"] == len(BARE)  # the tiny BLIP-2 ran on the bare scenes only
     assert captions["failures_by_reason"] == {"truncated": 1}
@@ -36,11 +38,11 @@ def test_segments_phrases_and_matches(chain):
     assert segments["provided"] == len(ANNOTATED)
     assert segments["predicted"] == len(SCENES) - len(ANNOTATED)
     assert segments["person_segments"] >= sum(s.people for s in ANNOTATED)
-    table = read_parquet(chain.store().path("segments.parquet"))
+    table = read_parquet(chain.path("segments.parquet"))
     assert table.num_rows == SMALL_CORPUS
     for row in table.to_pylist():
         if row["seg_path"]:
-            assert chain.store().path("segments") in __import__("pathlib").Path(row["seg_path"]).parents
+            assert chain.path("segments") in __import__("pathlib").Path(row["seg_path"]).parents
 
     phrases = metadata(chain.result, "noun_phrases")
     plurals = [s for s in SCENES if s.caption and s.caption.split()[0] in ("two", "three", "4")]
@@ -61,9 +63,9 @@ def test_training_shards_and_their_summary(chain):
     assert shards["failures_by_reason"]["truncated"] == 1
     assert sum(shards["subjects_per_sample"].values()) == shards["rows"]
     out = shards["path"]
-    assert (chain.root / "demo" / "shards").samefile(out)
-    assert (chain.root / "demo" / "shards" / "train" / "00000.tar").is_file()
-    assert json.loads((chain.root / "demo" / "shards" / "train" / "_stats.json").read_text())["samples"] == shards["samples_out"]["train"]
+    assert (chain.path("shards")).samefile(out)
+    assert (chain.path("shards") / "train" / "00000.tar").is_file()
+    assert json.loads((chain.path("shards") / "train" / "_stats.json").read_text())["samples"] == shards["samples_out"]["train"]
     assert shards["models"]["profile"] == "tiny"
     (event,) = chain.result.asset_materializations_for_node("training_shards")
     assert len(event.tags["dagster/data_version"]) == 16
@@ -76,7 +78,7 @@ def test_all_dataset_checks_pass_on_the_demo(chain):
 
 
 def test_rematerialising_unchanged_data_is_cached(chain):
-    segments = chain.store().path("segments.parquet")
+    segments = chain.path("segments.parquet")
     before = segments.stat().st_mtime_ns
     result = chain.materialize(DATASET_ASSETS)
     assert result.success

@@ -60,7 +60,7 @@ def test_subject_rate_reads_the_shard_sidecars(tmp_path):
 
 
 def test_shards_readable_on_good_truncated_and_miscounted_shards(chain, tmp_path):
-    good = chain.store().path("shards")
+    good = chain.path("shards")
     assert evaluate_shards_readable(good).passed
 
     truncated = shutil.copytree(good, tmp_path / "truncated")

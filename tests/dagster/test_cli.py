@@ -1,18 +1,22 @@
-"""End to end through subprocesses: `fc-pipeline demo` into a real Dagster instance, then the
-README's `dagster asset materialize -m assets --select '*'` on a fresh DAGSTER_HOME."""
+"""End to end through subprocesses on temporary Dagster instances: `fc-pipeline demo`, and the
+README's command-line materialisations and backfills (one corpus, a list, all, the failed ones)."""
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from fc_pipeline.data.demo import make_demo_corpus
+
 from .test_definitions import DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+SMALL = 8  # demo corpus size that passes every dataset check
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +32,10 @@ def demo(tmp_path_factory):
 def test_demo_prints_the_shards_and_a_summary(demo):
     data, home, done = demo
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"shards: {data / 'demo' / 'shards'}" in done.stdout
+    assert f"shards: {data / 'datasets' / 'demo' / 'shards'}" in done.stdout
     assert "images in: 24" in done.stdout
     assert "failures by reason:" in done.stdout and '"truncated": 1' in done.stdout
-    assert (data / "demo" / "shards" / "train" / "00000.tar").is_file()
+    assert (data / "datasets" / "demo" / "shards" / "train" / "00000.tar").is_file()
 
 
 def test_demo_run_is_recorded_in_the_instance(demo, monkeypatch):
@@ -40,27 +44,113 @@ def test_demo_run_is_recorded_in_the_instance(demo, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         (run,) = instance.get_runs()
-        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.status == dg.DagsterRunStatus.SUCCESS and run.tags["dagster/partition"] == "demo"
+        assert instance.get_dynamic_partitions("corpus") == ["demo"]
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count >= 1
         event = instance.get_latest_materialization_event(dg.AssetKey("training_shards"))
         assert event.asset_materialization.metadata["images_in"].value == 24
 
 
+class Instance:
+    """A fresh DAGSTER_HOME (the repo's dagster.yaml) and data root, driven by the installed CLIs."""
+
+    def __init__(self, tmp_path: Path):
+        self.home, self.data = tmp_path / "dagster_home", tmp_path / "data"
+        self.home.mkdir()
+        (self.home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+        self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "FC_PIPELINE_DATA": str(self.data), "OMP_NUM_THREADS": "1"}
+
+    def run(self, *command: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        return done
+
+    def runs(self) -> list:
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            return list(instance.get_runs())
+
+    def wait_for_runs(self, count: int, timeout: float = 240) -> dict[str, str]:
+        """Wait until ``count`` runs ended; ``{partition: status}`` of the newest run per partition."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.runs()
+            if len(runs) >= count and all(r.is_finished for r in runs):
+                latest = {}
+                for run in sorted(runs, key=lambda r: self._created(r.run_id)):
+                    latest[run.tags.get("dagster/partition")] = run.status.value
+                return latest
+            time.sleep(2)
+        raise AssertionError(f"runs did not finish: {[(r.tags.get('dagster/partition'), r.status) for r in self.runs()]}")
+
+    def _created(self, run_id: str) -> float:
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            return instance.get_run_record_by_id(run_id).create_timestamp.timestamp()
+
+
 @pytest.mark.slow
 def test_readme_materialize_command_on_a_fresh_dagster_home(demo, tmp_path):
-    """Every asset of the code location (training and evaluation included) with their defaults;
+    """Every asset of the code location (training and evaluation included) for the demo corpus;
     the dataset steps find the demo's outputs and report ``cached``."""
     data, _, _ = demo
-    home = tmp_path / "dagster_home"  # as the README says: a fresh folder with the repo's dagster.yaml
-    home.mkdir()
-    (home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
-    env = {**os.environ, "DAGSTER_HOME": str(home), "FC_PIPELINE_DATA": str(data)}
-    command = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets", "--select", "*"]
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=540)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        (run,) = instance.get_runs()
+    instance = Instance(tmp_path)
+    instance.env["FC_PIPELINE_DATA"] = str(data)
+    instance.run(str(BIN / "fc-pipeline"), "corpus", "add", "demo")
+    instance.run(str(BIN / "dagster"), "asset", "materialize", "-m", "assets", "--select", "*", "--partition", "demo", timeout=540)
+    with dg.DagsterInstance.from_config(str(instance.home)) as dagster:
+        (run,) = dagster.get_runs()
         assert run.status == dg.DagsterRunStatus.SUCCESS
-        shards = instance.get_latest_materialization_event(dg.AssetKey("training_shards")).asset_materialization
+        shards = dagster.get_latest_materialization_event(dg.AssetKey("training_shards")).asset_materialization
         assert shards.metadata["status"].value == "cached"
-        materialized = {key.to_user_string() for key in instance.get_asset_keys()}
-    assert set(DATASET) <= materialized
+        materialized = {key.to_user_string() for key in dagster.get_asset_keys()}
+    assert set(DATASET) | {"fastcomposer_checkpoint", "evaluation_report"} <= materialized
+
+
+@pytest.mark.slow
+def test_backfills_from_the_command_line(tmp_path):
+    """The README's backfill commands: one corpus, a list, the failed ones again, all."""
+    instance = Instance(tmp_path)
+    corpora = instance.data / "corpora"
+    for name in ("alpha", "beta"):
+        make_demo_corpus(corpora / name, n=SMALL)
+    (corpora / "broken.jsonl").write_text("{not json\n")
+    fc, dagster = str(BIN / "fc-pipeline"), str(BIN / "dagster")
+    instance.run(fc, "corpus", "add", "alpha", "beta", "broken")
+    assert instance.run(fc, "corpus", "list").stdout.strip() == "alpha,beta,broken"
+    # the sensor would also build these corpora; the test drives the runs by hand
+    instance.run(dagster, "sensor", "stop", "corpus_sensor", "-w", "workspace.yaml")
+
+    # one corpus: a run in this process
+    instance.run(dagster, "asset", "materialize", "-m", "assets", "--select", "group:dataset", "--partition", "alpha")
+    assert [r.status for r in instance.runs()] == [dg.DagsterRunStatus.SUCCESS]
+
+    daemon = subprocess.Popen(
+        [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=REPO_ROOT, env=instance.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        # a list of corpora: queued runs, started by the daemon
+        backfill = [dagster, "job", "backfill", "-m", "assets", "-j", "build_dataset", "--noprompt"]
+        instance.run(*backfill, "--partitions", "beta,broken")
+        assert instance.wait_for_runs(3) == {"alpha": "SUCCESS", "beta": "SUCCESS", "broken": "FAILURE"}
+        assert instance.run(fc, "corpus", "failed").stdout.strip() == "broken"
+
+        # fix the corpus, re-run only the failed ones
+        uploads = make_demo_corpus(instance.data / "uploads", n=SMALL)
+        (corpora / "broken.jsonl").write_text("".join(f'{{"path": "{p}"}}\n' for p in sorted(uploads.glob("*.jpg"))))
+        failed = instance.run(fc, "corpus", "failed").stdout.strip()
+        instance.run(*backfill, "--partitions", failed)
+        assert instance.wait_for_runs(4)["broken"] == "SUCCESS"
+        assert instance.run(fc, "corpus", "failed").stdout.strip() == ""
+
+        # all corpora: everything is cached now
+        instance.run(*backfill, "--all", "true")
+        statuses = instance.wait_for_runs(7)
+        assert set(statuses.values()) == {"SUCCESS"} and set(statuses) == {"alpha", "beta", "broken"}
+    finally:
+        os.killpg(daemon.pid, 15)
+        daemon.wait(timeout=30)
+    with dg.DagsterInstance.from_config(str(instance.home)) as dagster_instance:
+        records = dagster_instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("captions"), asset_partitions=["alpha"]), limit=10
+        ).records
+    assert [r.asset_materialization.metadata["status"].value for r in records][:1] == ["cached"]

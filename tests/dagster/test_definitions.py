@@ -40,15 +40,51 @@ def test_model_steps_share_the_gpu_pool():
         for key in definition.keys:
             pools[key.to_user_string()] = definition.op.pool
     assert {k for k in DATASET if pools[k] == "gpu"} == {"captions", "panoptic_segments", "subject_matches"}
+    assert pools["fastcomposer_checkpoint"] == pools["evaluation_report"] == "gpu"
+    for definition in assets.defs.assets:
+        if definition.op.pool == "gpu":  # what the k8s executor reads to put the step on a GPU node
+            assert "dagster-k8s/config" in definition.op.tags
 
 
 def test_data_root_defaults_to_env_then_repo(monkeypatch, tmp_path):
     monkeypatch.delenv("FC_PIPELINE_DATA", raising=False)
     assert default_data_root() == REPO_ROOT / "data"
     monkeypatch.setenv("FC_PIPELINE_DATA", str(tmp_path))
-    store = DatasetStore(corpus="street")
-    assert store.source_dir == tmp_path / "corpora" / "street"
-    assert store.path("images.parquet") == tmp_path / "street" / "images.parquet"
+    store = DatasetStore()
+    assert store.source("street") == tmp_path / "corpora" / "street"
+    assert store.path("street", "images.parquet") == tmp_path / "datasets" / "street" / "images.parquet"
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "street.jsonl").write_text("")
+    assert store.source("street") == tmp_path / "corpora" / "street.jsonl"  # a manifest corpus
+    assert store.checkpoints_dir == tmp_path / "checkpoints"
+
+
+def test_dataset_assets_and_checks_are_partitioned_by_corpus():
+    defs = assets.defs
+    graph = defs.resolve_asset_graph()
+    for name in DATASET:
+        partitions = graph.get(dg.AssetKey(name)).partitions_def
+        assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "corpus", name
+    for name in ("fastcomposer_checkpoint", "evaluation_report"):
+        assert graph.get(dg.AssetKey(name)).partitions_def is None
+    for check in defs.asset_checks:
+        assert check.partitions_def is not None and check.partitions_def.name == "corpus"
+    build = defs.resolve_job_def("build_dataset")
+    assert build.partitions_def.name == "corpus"
+    assert {k.to_user_string() for k in build.asset_layer.executable_asset_keys} == set(DATASET)
+    train = defs.resolve_job_def("train")
+    assert {k.to_user_string() for k in train.asset_layer.executable_asset_keys} == {"fastcomposer_checkpoint", "evaluation_report"}
+
+
+def test_sensors_and_schedule_are_on_by_default():
+    defs = assets.defs
+    sensors = {s.name: s for s in defs.sensors}
+    assert set(sensors) == {"corpus_sensor", "train_on_new_samples"}
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
+    assert sensors["corpus_sensor"].job_name == "build_dataset" and sensors["train_on_new_samples"].job_name == "train"
+    (schedule,) = defs.schedules
+    assert (schedule.name, schedule.cron_schedule, schedule.job_name) == ("nightly_dataset_refresh", "0 2 * * *", "build_dataset")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
 def test_dagster_yaml_builds_an_instance_with_a_gpu_pool(tmp_path):
@@ -59,6 +95,9 @@ def test_dagster_yaml_builds_an_instance_with_a_gpu_pool(tmp_path):
         assert concurrency.run_queue_config.max_concurrent_runs >= 1
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         assert not instance.telemetry_enabled
+        assert instance.run_monitoring_enabled
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
+        assert not instance.run_retries_retry_on_asset_or_op_failure  # step failures are real errors
         assert Path(instance.root_directory) == tmp_path
         assert (tmp_path / "history" / "runs.db").exists()
 
