@@ -25,10 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# webserver (http://127.0.0.1:3000, loopback only) + daemon (sensors, schedules, run queue) on the
+# instance in $DAGSTER_HOME (default .dagster_home, the demo's); seeds it with dagster.yaml unless it has one.
 ui: $(STAMP)
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} && mkdir -p $$DAGSTER_HOME && \
-	cp -n dagster.yaml $$DAGSTER_HOME/dagster.yaml 2>/dev/null; \
-	DAGSTER_HOME=$$DAGSTER_HOME $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	export DAGSTER_HOME="$${DAGSTER_HOME:-$(CURDIR)/.dagster_home}" && mkdir -p "$$DAGSTER_HOME" && \
+	{ test -f "$$DAGSTER_HOME/dagster.yaml" || cp dagster.yaml "$$DAGSTER_HOME/"; } && \
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 clean:
 	rm -rf $(VENV) data .dagster_home

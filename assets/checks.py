@@ -178,16 +178,20 @@ def failure_rate(context: dg.AssetCheckExecutionContext, config: FailureRateConf
 SHARD_CHECKS = [shards_readable, samples_with_subjects, failure_rate]
 
 
-def failed_shard_checks(instance: dg.DagsterInstance, corpora: list[str]) -> dict[str, list[str]]:
-    """``{corpus: [names of blocking shard checks not passed on its latest shards]}`` (only corpora
-    with a problem): a check counts as passed when its latest run on the corpus succeeded and
-    targeted the corpus's latest ``training_shards`` materialisation."""
+def failed_shard_checks(instance: dg.DagsterInstance, corpora: list[str]) -> dict[str, dict[str, str]]:
+    """``{corpus: {check name: why}}`` of the blocking shard checks that did not pass on a corpus's
+    latest ``training_shards`` (only corpora with a problem). ``why`` is ``failed`` or
+    ``not run on the latest shards`` (never run, in progress, or run on an older materialisation)."""
     keys = [next(iter(check.check_keys)) for check in SHARD_CHECKS]
     infos = instance.event_log_storage.get_asset_check_partition_info(keys, partition_keys=corpora)
-    passed = {
-        (info.check_key.name, info.partition_key)
-        for info in infos
-        if info.latest_execution_status == AssetCheckExecutionRecordStatus.SUCCEEDED and info.is_current
-    }
-    problems = {corpus: [key.name for key in keys if (key.name, corpus) not in passed] for corpus in corpora}
-    return {corpus: names for corpus, names in problems.items() if names}
+    status = {(info.check_key.name, info.partition_key): info for info in infos}
+    problems: dict[str, dict[str, str]] = {}
+    for corpus in corpora:
+        for key in keys:
+            info = status.get((key.name, corpus))
+            if info is None or not info.is_current or info.latest_execution_status == AssetCheckExecutionRecordStatus.PLANNED:
+                problems.setdefault(corpus, {})[key.name] = "not run on the latest shards"
+            elif info.latest_execution_status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+                problems.setdefault(corpus, {})[key.name] = "failed"
+    return problems
+

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field
 
@@ -100,7 +101,7 @@ def training_corpora(context: dg.AssetExecutionContext, config: TrainingConfig, 
     if failing:
         raise dg.Failure(
             "blocking checks have not passed on the latest shards of: "
-            + "; ".join(f"{corpus} ({', '.join(checks)})" for corpus, checks in failing.items())
+            + "; ".join(f"{corpus} ({', '.join(f'{name} {why}' for name, why in checks.items())})" for corpus, checks in failing.items())
             + ". Fix the data and re-materialise those partitions, or leave them out with config `corpora`.",
             metadata={"failing_checks": dg.MetadataValue.json(failing)},
         )
@@ -231,6 +232,5 @@ def fastcomposer_checkpoint(
 
 
 def _sample_count(shards_dir: Path) -> int:
-    """Training samples of a dataset (its ``train/_stats.json``; 0 when unknown)."""
-    stats = shards_dir / "train" / "_stats.json"
-    return json.loads(stats.read_text())["samples"] if stats.exists() else 0
+    """Training samples of a dataset: the rows of its train shards' parquet sidecars (0 without sidecars)."""
+    return sum(pq.read_metadata(path).num_rows for path in (shards_dir / "train").glob("[0-9]*.parquet"))

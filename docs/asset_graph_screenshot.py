@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, NoReturn
@@ -103,6 +103,27 @@ class Server:
     url: str
 
 
+def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM to the server's process group (webserver and code server); SIGKILL to whatever of
+    the group is still alive after ``grace`` seconds."""
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (process.poll() is None or group_alive()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 @contextmanager
 def webserver(dagster_home: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[Server]:
     """``python -m dagster_webserver -h 127.0.0.1 -p <free port> -w workspace.yaml`` in the repo root
@@ -121,20 +142,6 @@ def webserver(dagster_home: Path, env: dict[str, str] | None = None, timeout: fl
             yield server
         finally:
             _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (webserver and code server), SIGKILL after 20 s."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def lineage_path(base_url: str) -> str:

@@ -132,7 +132,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "the rest are the paper's defaults. Several GPUs: accelerate launch -m fc_pipeline.train --config cfg.json",
     )
     p.add_argument("--config", metavar="JSON", help="a JSON file of fc_pipeline.train.TrainConfig fields")
-    p.add_argument("--shards", metavar="DIR", help="dataset directory with train/*.tar (or one .tar URL)")
+    p.add_argument("--shards", metavar="DIR", nargs="+",
+                   help="dataset directories with train/*.tar (or .tar URLs); several train on all of them")
     p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, metrics.jsonl, metrics.json")
     p.add_argument("--preset", choices=["tiny"], help="tiny: the CPU demo (tiny profile, 64 px, batch 4, 30 steps)")
     p.add_argument("--profile", choices=["tiny", "paper"], help="model profile (default: paper, or the preset's)")
@@ -152,6 +153,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     names = ("shards", "profile", "max_steps", "train_batch_size", "learning_rate", "localization_weight", "resume")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.shards is not None:
+        overrides["shards"] = args.shards[0] if len(args.shards) == 1 else args.shards
     if args.out is not None:
         overrides["output_dir"] = args.out
     try:

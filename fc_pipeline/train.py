@@ -41,7 +41,7 @@ OOM_EXIT_CODE = 75  # EX_TEMPFAIL: the accelerator ran out of memory; a smaller 
 class TrainConfig:
     """All hyper-parameters of a run. Defaults are the paper's (per-device batch 16 × 8 GPUs)."""
 
-    shards: str  # dataset directory (with train/*.tar) or one shard URL
+    shards: str | list[str]  # dataset directory (with train/*.tar) or one shard URL, or a list of them
     output_dir: str
     profile: str = "paper"
     pretrained: str | None = None  # start from this FastComposer checkpoint instead of the profile
@@ -70,7 +70,7 @@ class TrainConfig:
     progress: bool = True
 
     @classmethod
-    def tiny(cls, shards: str, output_dir: str, **overrides: Any) -> "TrainConfig":
+    def tiny(cls, shards: str | list[str], output_dir: str, **overrides: Any) -> "TrainConfig":
         """The CPU demo preset: tiny random models, 64 px, batch 4, 30 steps."""
         preset = dict(profile="tiny", resolution=64, train_batch_size=4, max_steps=30, checkpoint_every=15)
         return cls(shards=shards, output_dir=output_dir, **{**preset, **overrides})
@@ -107,6 +107,26 @@ class TrainResult:
             "resumed_from": self.resumed_from,
             "metrics": str(self.metrics_path),
         }
+
+
+def train_shard_urls(shards: str | list[str]) -> list[str]:
+    """The train shard URLs of one dataset or several (``TrainConfig.shards``): each dataset's
+    sorted by name, so that shards appended to a dataset join its stream, datasets in the given
+    order. A dataset is a directory/URL with ``train/*.tar`` or one ``.tar`` shard URL."""
+    from fc_pipeline.data.shards import shard_urls
+
+    datasets = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    if not datasets:
+        raise ValueError("no training dataset given (shards is empty)")
+    urls, empty = [], []
+    for dataset in datasets:
+        found = [str(dataset)] if str(dataset).endswith(".tar") else shard_urls(dataset, "train")
+        urls += found
+        if not found:
+            empty.append(f"{dataset}/train")
+    if empty:
+        raise FileNotFoundError(f"no training shards under {', '.join(empty)} (build the dataset first)")
+    return urls
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -227,7 +247,6 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from fc_pipeline.data.shards import shard_urls
     from fc_pipeline.data.training_samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
     from fc_pipeline.model.attention import install_attention_capture
     from fc_pipeline.model.components import load_components, set_trainable
@@ -250,9 +269,7 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
 
     # data
     profile = get_profile(config.profile)
-    urls = [config.shards] if str(config.shards).endswith(".tar") else shard_urls(config.shards, "train")
-    if not urls:
-        raise FileNotFoundError(f"no training shards under {config.shards}/train (build the dataset first)")
+    urls = train_shard_urls(config.shards)
     resume_from = latest_checkpoint(output_dir) if config.resume else None
     step, position = 0, DataPosition()
     if resume_from is not None:

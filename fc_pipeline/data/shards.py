@@ -12,7 +12,9 @@ and its sidecar exist, and is never rewritten. A re-run writes the samples whose
 sidecar into new shards numbered after the last one of their split. Only a change of the settings
 in ``_dataset.json`` (or ``rebuild=True``) rewrites every shard. The tar, then its sidecar, is
 written under a temp name and renamed: a killed run leaves at most a tar without a sidecar, which
-the next run removes and writes again.
+the next run removes and writes again. A sample in a shard keeps what it was written with: one the
+corpus has changed since (an edited caption) counts as ``stale`` until a rebuild, one whose image
+left the corpus stays in its shard (``orphaned``).
 
 The split is per image id, so a sample never changes split as the corpus grows:
 ``u(id) = int(sha256("split:" + id)[:16], 16) / 2**64``, and a new sample goes to ``val`` iff
@@ -302,7 +304,7 @@ def _complete_shards(split_dir: Path) -> dict[str, ShardIndex]:
     for temp in split_dir.glob(f".*{TEMP_SUFFIX}"):
         temp.unlink()
     complete = {}
-    for shard in sorted(split_dir.glob("[0-9]*.tar")):
+    for shard in sorted(path for path in split_dir.glob("[0-9]*.tar") if path.stem.isdigit()):
         index = _read_sidecar(shard.with_suffix(".parquet"))
         if index is None:
             logger.warning("%s has no complete sidecar: removed, its samples are written again", shard)

@@ -3,6 +3,7 @@ re-runs of a growing corpus, and blocking checks gating training."""
 
 import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -92,7 +93,9 @@ def test_growing_corpus_processes_only_new_images_and_appends_shards(chain):
     store = chain.store()
     source = store.corpora_dir / "growing"
     shutil.copytree(store.source("demo"), source)
-    held_back = ["kite_boy", "girl_dog"]  # annotated scenes: they become samples
+    sampled = sorted(Path(p).name.split(".")[0] for p in _sample_paths(chain.path("shards")))
+    held_back = sampled[:2]  # scenes that became samples in the session's build
+    assert len(held_back) == 2
     parked = chain.root / "parked"
     parked.mkdir()
     for path in source.iterdir():
@@ -124,6 +127,10 @@ def test_growing_corpus_processes_only_new_images_and_appends_shards(chain):
     assert len(ids) == before + 2
 
 
+def _sample_paths(shards_dir):
+    return [path for sidecar in shards_dir.glob("*/[0-9]*.parquet") for path in read_parquet(sidecar).column("path").to_pylist()]
+
+
 def _partition_checks(instance, corpus):
     return checks.failed_shard_checks(instance, [corpus])
 
@@ -133,7 +140,9 @@ def test_failing_blocking_check_keeps_training_from_the_corpus(chain):
     strict = {"ops": {"training_shards_failure_rate": {"config": {"min_yield": 1.0}}}}
     failed = chain.materialize([dataset.training_shards, checks.failure_rate], strict)
     assert not failed.success
-    assert _partition_checks(chain.instance, "demo") == {"demo": ["failure_rate"]}
+    # failed, and the other two did not run on these (re-materialised) shards
+    assert _partition_checks(chain.instance, "demo") == {"demo": {
+        "failure_rate": "failed", "shards_readable": "not run on the latest shards", "samples_with_subjects": "not run on the latest shards"}}
 
     result = dg.materialize(
         [fastcomposer_checkpoint],
@@ -145,19 +154,20 @@ def test_failing_blocking_check_keeps_training_from_the_corpus(chain):
     assert not result.success
     (failure,) = result.get_step_failure_events()
     assert "blocking checks have not passed" in failure.event_specific_data.error.message
-    assert "demo (failure_rate)" in failure.event_specific_data.error.message
+    assert "demo (shards_readable not run on the latest shards" in failure.event_specific_data.error.message
+    assert "failure_rate failed" in failure.event_specific_data.error.message
 
     # the training sensor waits too, and says why
     skip = train_on_new_samples(dg.build_sensor_context(instance=chain.instance))
     assert isinstance(skip, dg.SkipReason)
 
     # the checks pass again on a fresh evaluation: training is unblocked
-    assert chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS]).success
+    assert chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS], {}).success
     assert _partition_checks(chain.instance, "demo") == {}
 
 
 def test_training_policy_counts_new_samples_against_the_last_checkpoint(chain, monkeypatch):
-    train = sum(metadata(chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS]), "training_shards")["samples_out"].values())
+    train = sum(metadata(chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS], {}), "training_shards")["samples_out"].values())
     assert train >= 1
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("corpus", ["demo"])

@@ -67,7 +67,9 @@ def test_dataset_assets_and_checks_are_partitioned_by_corpus():
         assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "corpus", name
     for name in ("fastcomposer_checkpoint", "evaluation_report"):
         assert graph.get(dg.AssetKey(name)).partitions_def is None
-    for check in defs.asset_checks:
+    dataset_checks = [c for c in defs.asset_checks if {k.asset_key.to_user_string() for k in c.check_keys} <= set(DATASET)]
+    assert len(dataset_checks) == 5
+    for check in dataset_checks:
         assert check.partitions_def is not None and check.partitions_def.name == "corpus"
     build = defs.resolve_job_def("build_dataset")
     assert build.partitions_def.name == "corpus"

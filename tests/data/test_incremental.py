@@ -284,3 +284,4 @@ def test_build_dataset_processes_only_new_images(tmp_path, corpus_dir, tiny_capt
     fourth = build_dataset(root, out, **options, **models.kwargs())
     assert fourth["steps"] == {name: {"computed": 0, "reused": 6, "dropped": 1} for name in STEPS}
     assert models.calls == {} and read_parquet(out / "matches.parquet").num_rows == 6
+    assert len(list((out / "segments").iterdir())) == 4  # duo, solo, trio and the dropped nobody's map

@@ -1,15 +1,15 @@
-"""The whole chain on the test corpus: shards read back with webdataset and tarfile, ledger, resume."""
+"""The whole chain on the test corpus: shards read back with webdataset and tarfile, ledger, resume
+(growth of a corpus: test_shards_append.py)."""
 
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fc_pipeline.data.shards import read_samples, shard_urls, split_ids, write_shards
+from fc_pipeline.data.shards import read_samples, shard_urls, split_ids, split_position, write_shards
 from fc_pipeline.storage import read_parquet
 
 
@@ -27,7 +27,7 @@ def test_every_image_is_a_sample_or_in_the_ledger(built, corpus_dir):
     assert stats["images"] == len(expected) and stats["samples"] == len(samples) == 7
     assert stats["failures"] == {"bad_annotation": 1, "empty_file": 1, "no_person": 1, "no_segments": 3,
                                  "too_large": 1, "truncated": 1, "unreadable": 1}  # fmt: skip
-    assert stats["splits"]["val"]["samples"] == 1  # 5 % of 7 rounds to 0: at least one
+    assert stats["splits"]["val"]["samples"] == 1  # no u < 0.05 among 7: the smallest u (cmyk.jpg) validates
     assert stats["subjects_histogram"] == {"1": 4, "2": 2, "3": 1}
     assert stats["splits"]["train"]["shards"] == ["00000.tar", "00001.tar", "00002.tar"]
     on_disk = json.loads((out / "shards" / "train" / "_stats.json").read_text())
@@ -81,27 +81,28 @@ def test_shards_read_back_with_plain_tarfile(built):
     assert len(names) == 3 * 6
 
 
-def test_resume_rewrites_only_the_missing_shard(built, tmp_path):
+def test_resume_writes_only_what_a_killed_run_left_incomplete(built, tmp_path):
     out, _ = built
     tables = _tables(out)
     target = tmp_path / "shards"
     kwargs = dict(samples_per_shard=2, models={"profile": "tiny"})
     first = write_shards(*tables, target, **kwargs)
-    assert len(first["written"]) == 4 and first["skipped"] == []
+    assert len(first["written"]) == 4 and first["skipped"] == [] and first["mode"] == "appended"
     train = target / "train"
+    last = (train / "00002.tar").read_bytes()
     mtimes = {p.name: p.stat().st_mtime_ns for p in train.iterdir()}
-    (train / "00001.tar").unlink()
-    (train / ".00002.tar.abc123.tmp").write_bytes(b"half a shard from a killed run")
+    (train / "00002.parquet").unlink()  # killed between the last tar and its sidecar
+    (train / ".00003.tar.abc123.tmp").write_bytes(b"half a shard from a killed run")
     second = write_shards(*tables, target, **kwargs)
-    assert [p.split("/")[-1] for p in second["written"]] == ["00001.tar"]
-    assert len(second["skipped"]) == 3
-    for name in ("00000.tar", "00002.tar", "00000.parquet", "00002.parquet"):
+    assert [p.split("/")[-1] for p in second["written"]] == ["00002.tar"] and len(second["skipped"]) == 3
+    assert (train / "00002.tar").read_bytes() == last  # the same samples give the same bytes
+    for name in ("00000.tar", "00001.tar", "00000.parquet", "00001.parquet"):
         assert (train / name).stat().st_mtime_ns == mtimes[name]
     assert not list(train.glob(".*.tmp"))
-    assert second["splits"] == first["splits"]
-    # a changed plan (other sample metadata) rewrites everything
+    assert second["splits"] == first["splits"] and second["appended"] == 2
+    # other models change every sample's metadata: every shard is written again
     third = write_shards(*tables, target, samples_per_shard=2, models={"profile": "other"})
-    assert len(third["written"]) == 4
+    assert len(third["written"]) == 4 and third["mode"] == "rebuilt"
 
 
 def test_killed_write_leaves_no_tar(built, tmp_path, monkeypatch):
@@ -116,24 +117,27 @@ def test_killed_write_leaves_no_tar(built, tmp_path, monkeypatch):
     assert not list((tmp_path / "s").rglob("*.tar")) and not list((tmp_path / "s").rglob("*.tmp"))
 
 
-def test_split_is_stable_and_sized():
+def test_split_is_by_id_and_sized():
     ids = [f"{k:016x}" for k in range(200)]
     split = split_ids(ids, val_fraction=0.05, val_max=1000)
-    assert len(split["val"]) == 10 and len(split["train"]) == 190
+    assert len(split["val"]) == 13 and len(split["train"]) == 187  # the ids with u < 0.05 (10 expected)
     assert split == split_ids(list(reversed(ids)), 0.05, 1000)
     assert len(split_ids(ids, 0.5, val_max=7)["val"]) == 7
     assert split_ids(ids[:1], 0.05, 1000) == {"train": ids[:1], "val": []}
-    assert split_ids(ids[:2], 0.05, 1000)["val"] and split_ids(ids, 0.0, 1000)["val"] == []
-    grown = split_ids(ids + [f"{k:016x}" for k in range(200, 220)], 0.05, 1000)
-    assert len(set(split["val"]) & set(grown["val"])) >= 9  # growing the corpus keeps most of val
+    assert split_ids(ids[:2], 0.05, 1000) == {"train": ids[:1], "val": ids[1:2]}  # none under 0.05: smallest u
+    assert split_ids(ids, 0.0, 1000)["val"] == []
+    assert split_ids(ids[:1], 0.05, 1000, existing={"train": 1, "val": 0}) == {"train": [], "val": ids[:1]}
+    grown = split_ids([f"{k:016x}" for k in range(200, 220)], 0.05, 1000, existing={"train": 187, "val": 13})
+    assert grown["val"] == [] and len(grown["train"]) == 20  # no new id under 0.05; the old ones stay put
+    assert split_ids(ids, 0.05, 15, existing={"train": 0, "val": 10})["val"] == sorted(sorted(split["val"], key=split_position)[:5])
 
 
-def test_stale_shards_beyond_the_plan_are_removed(built, tmp_path):
+def test_shard_size_shapes_only_new_shards(built, tmp_path):
     tables = _tables(built[0])
     write_shards(*tables, tmp_path, samples_per_shard=1)
     assert len(shard_urls(tmp_path, "train")) == 6
-    write_shards(*tables, tmp_path, samples_per_shard=4)
-    assert [u.split(os.sep)[-1] for u in shard_urls(tmp_path, "train")] == ["00000.tar", "00001.tar"]
+    again = write_shards(*tables, tmp_path, samples_per_shard=4)
+    assert again["mode"] == "unchanged" and again["written"] == [] and len(shard_urls(tmp_path, "train")) == 6
     assert sum(1 for _ in read_samples(tmp_path, "train")) == 6
 
 

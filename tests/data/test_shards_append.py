@@ -7,6 +7,7 @@ every split below is fixed by the ids alone. ``u`` of the first ids (``split_pos
 
 import json
 import logging
+import os
 import random
 
 import numpy as np
@@ -22,6 +23,7 @@ from fc_pipeline.data.shards import read_samples, split_ids, split_position, wri
 from fc_pipeline.storage import read_parquet
 
 MODELS = {"profile": "tiny", "captioner": "blip2-tiny"}
+BACKDATED = 1_000_000_000 * 10**9
 
 
 class Corpus:
@@ -63,8 +65,15 @@ def write(corpus, out, **options):
     return write_shards(*corpus.tables(), out, **{"samples_per_shard": 4, "models": MODELS, **options})
 
 
+def backdated(out):
+    """Bytes and mtime of every shard and sidecar, by path relative to ``out``, after setting each
+    mtime to 2001: a file written again later shows a new mtime however fast the test runs."""
+    for path in out.glob("*/[0-9]*.*"):
+        os.utime(path, ns=(BACKDATED, BACKDATED))
+    return files(out)
+
+
 def files(out):
-    """Bytes and mtime of every shard and sidecar, by path relative to ``out``."""
     return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.glob("*/[0-9]*.*"))}
 
 
@@ -85,7 +94,7 @@ def test_growing_corpus_appends_shards_and_keeps_the_old_ones(corpus, tmp_path):
     assert first["splits"]["val"] == {"samples": 1, "shards": ["00000.tar"], "subjects_histogram": {"3": 1}}  # 0x08
     assert first["splits"]["train"]["shards"] == ["00000.tar", "00001.tar", "00002.tar"]  # 4 + 4 + 1
     assert first["failures"] == {"truncated": 1}
-    before = files(out)
+    before = backdated(out)
 
     second = write(corpus.add(range(10, 30)), out)
     assert second["mode"] == "appended" and second["appended"] == 20 and second["images"] == 31
@@ -150,7 +159,7 @@ def test_changed_settings_or_rebuild_rewrite_every_shard(corpus, tmp_path, caplo
     out = tmp_path / "shards"
     write(corpus.add(range(10)), out)
     assert json.loads((out / "_dataset.json").read_text()) == {"models": MODELS, "val_fraction": 0.05, "val_max": 1000}
-    before = files(out)
+    before = backdated(out)
     with caplog.at_level(logging.WARNING, logger="fc_pipeline.data.shards"):
         other = write(corpus, out, models={**MODELS, "captioner": "blip2-other"}, samples_per_shard=5)
     assert "models changed" in caplog.text
@@ -173,7 +182,7 @@ def test_changed_settings_or_rebuild_rewrite_every_shard(corpus, tmp_path, caplo
 def test_a_tar_without_its_sidecar_is_written_again(corpus, tmp_path):
     out = tmp_path / "shards"
     write(corpus.add(range(10)), out)
-    before = files(out)
+    before = backdated(out)
     train = out / "train"
     (train / "00002.parquet").unlink()  # killed between the last tar and its sidecar
     (train / ".00003.tar.abc123.tmp").write_bytes(b"half a shard from a killed run")
@@ -191,7 +200,7 @@ def test_a_tar_without_its_sidecar_is_written_again(corpus, tmp_path):
 def test_stale_and_orphaned_samples_stay_in_their_shards(corpus, tmp_path, caplog):
     out = tmp_path / "shards"
     write(corpus.add(range(12)), out)
-    before = files(out)
+    before = backdated(out)
     corpus.rows["phrases"][f"{3:016x}"]["caption"] = "a man in a hat"  # an edited caption
     corpus.rows["matches"][f"{4:016x}"] |= {"subjects": "[]", "n_subjects": 0}  # now fails: no_person
     corpus.remove([5, 6])

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ from fc_pipeline.model.attention import SubjectAttentionProcessor, install_atten
 from fc_pipeline.model.components import load_components, set_trainable
 from fc_pipeline.model.objective import compute_losses
 from fc_pipeline.models import TINY_LOCALIZATION_LAYERS
-from fc_pipeline.train import TrainConfig, list_checkpoints, train
+from fc_pipeline.storage import write_json
+from fc_pipeline.train import TrainConfig, list_checkpoints, train, train_shard_urls
 
 
 def _config(shards, out, **overrides):
@@ -22,6 +25,25 @@ def _batch(synthetic_shards, tokenizer, n=2):
     config = SamplingConfig(resolution=32, unconditional_prob=0, text_only_prob=0, subject_drop_prob=0)
     stream = iter(TrainingSamples(shard_urls(synthetic_shards, "train"), tokenizer, config))
     return collate_samples([next(stream) for _ in range(n)])
+
+
+def test_shards_of_several_datasets_join_in_the_given_order(synthetic_shards, tmp_path):
+    other = tmp_path / "other"
+    (other / "train").mkdir(parents=True)
+    shutil.copy(synthetic_shards / "train" / "00001.tar", other / "train" / "00000.tar")
+    config = TrainConfig.tiny([str(other), str(synthetic_shards)], str(tmp_path / "run"))
+    loaded = TrainConfig.from_json(write_json(dataclasses.asdict(config), tmp_path / "cfg.json"))
+    assert loaded == config and loaded.shards == [str(other), str(synthetic_shards)]
+    train_dir = synthetic_shards / "train"
+    assert train_shard_urls(loaded.shards) == [str(other / "train" / "00000.tar"), str(train_dir / "00000.tar"), str(train_dir / "00001.tar")]
+    assert train_shard_urls(str(synthetic_shards)) == [str(train_dir / "00000.tar"), str(train_dir / "00001.tar")]
+    assert train_shard_urls(str(train_dir / "00001.tar")) == [str(train_dir / "00001.tar")]
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no training shards under .*/empty/train, .*/missing/train") as error:
+        train(TrainConfig.tiny([str(synthetic_shards), str(tmp_path / "empty"), str(tmp_path / "missing")], str(tmp_path / "run")))
+    assert str(synthetic_shards) not in str(error.value)
+    with pytest.raises(ValueError, match="no training dataset"):
+        train_shard_urls([])
 
 
 def test_kill_and_resume_continues_from_the_saved_step(synthetic_shards, tmp_path):

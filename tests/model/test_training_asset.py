@@ -9,7 +9,8 @@ import dagster as dg
 import pytest
 
 from assets.resources import DatasetStore
-from assets.training import TrainingConfig, fastcomposer_checkpoint, launch_command
+from assets.partitions import corpus_partitions
+from assets.training import ASSET_ONLY, TrainingConfig, fastcomposer_checkpoint
 from fc_pipeline.train import TrainConfig
 
 # a handful of steps at 32 px: the run exercises the whole path, not the model's quality
@@ -17,9 +18,8 @@ QUICK = dict(resolution=32, train_batch_size=2, max_steps=2, checkpoint_every=2)
 
 
 def test_asset_config_covers_the_training_options():
-    asset_only = {"shards", "num_processes"}
     library_only = {"shards", "output_dir", "progress"}
-    assert set(TrainingConfig.model_fields) - asset_only == {f.name for f in dataclasses.fields(TrainConfig)} - library_only
+    assert set(TrainingConfig.model_fields) - set(ASSET_ONLY) == {f.name for f in dataclasses.fields(TrainConfig)} - library_only
     # no config: the CPU demo preset of the library
     preset = TrainConfig.tiny("s", "o")
     defaults = TrainingConfig()
@@ -27,40 +27,48 @@ def test_asset_config_covers_the_training_options():
         assert getattr(defaults, name) == getattr(preset, name), name
 
 
-def test_launch_command_uses_accelerate_only_for_several_processes(tmp_path):
-    cfg = tmp_path / "cfg.json"
-    assert launch_command(cfg, 1) == [sys.executable, "-m", "fc_pipeline.train", "--config", str(cfg)]
-    several = launch_command(cfg, 4)
-    assert several[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4"]
-    assert several[5:] == ["-m", "fc_pipeline.train", "--config", str(cfg)]
+def test_out_of_memory_retries_halve_the_batch_and_keep_the_run(tmp_path):
+    from assets.training import train_config
+
+    config = TrainingConfig(train_batch_size=8, gradient_accumulation_steps=1)
+    runs = [train_config(config, ["s"], tmp_path, {"demo": "v1"}, retry) for retry in range(4)]
+    assert [(r.train_batch_size, r.gradient_accumulation_steps) for r in runs] == [(8, 1), (4, 2), (2, 4), (1, 8)]
+    assert len({r.output_dir for r in runs}) == 1  # same effective batch: the retry resumes the same run
+    other_data = train_config(config, ["s"], tmp_path, {"demo": "v2"})
+    assert other_data.output_dir != runs[0].output_dir  # new shards: a new run
+    assert train_config(TrainingConfig(train_batch_size=1), ["s"], tmp_path, {}, 3).train_batch_size == 1
 
 
 @pytest.mark.slow
 def test_asset_materialises_a_loadable_checkpoint_through_pipes(synthetic_shards, tmp_path):
     from fc_pipeline.pipeline import FastComposerPipeline
 
-    store = DatasetStore(data_root=str(tmp_path / "data"), corpus="demo")
-    shutil.copytree(synthetic_shards, store.path("shards"))
+    store = DatasetStore(data_root=str(tmp_path / "data"))
+    shutil.copytree(synthetic_shards, store.path("demo", "shards"))
 
-    @dg.asset(name="training_shards")
+    @dg.asset(name="training_shards", partitions_def=corpus_partitions)
     def stand_in_shards() -> dg.MaterializeResult:
         return dg.MaterializeResult(data_version=dg.DataVersion("shards-v1"))
 
     with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("corpus", ["demo"])
+        assert dg.materialize([stand_in_shards], instance=instance, partition_key="demo").success
+        # the checks' gate is tested in tests/dagster/test_automation.py; these shards have no check runs
         result = dg.materialize(
-            [stand_in_shards, fastcomposer_checkpoint],
+            [fastcomposer_checkpoint],
             instance=instance,
             resources={"store": store, "pipes_subprocess_client": dg.PipesSubprocessClient()},
-            run_config={"ops": {"fastcomposer_checkpoint": {"config": QUICK}}},
+            run_config={"ops": {"fastcomposer_checkpoint": {"config": {**QUICK, "require_passing_checks": False}}}},
         )
         assert result.success
         event = instance.get_latest_materialization_event(fastcomposer_checkpoint.key)
     metadata = {key: value.value for key, value in event.asset_materialization.metadata.items()}
     assert metadata["steps"] == 2
     assert all(isinstance(metadata[k], float) for k in ("loss", "l_noise", "l_loc"))
-    assert metadata["shards_data_version"] == "shards-v1"
+    assert metadata["shards_data_versions"] == {"demo": "shards-v1"} and metadata["corpora"] == ["demo"]
+    assert metadata["dataset_samples"] == metadata["train_samples"]["demo"] == 0  # synthetic shards carry no sidecars
     assert metadata["loss_curve"].startswith("![preview](data:image/png;base64,")
-    run_dir = store.path("checkpoints")
+    run_dir = store.checkpoints_dir
     checkpoint = metadata["checkpoint"]  # what the evaluation asset reads
     assert checkpoint.startswith(str(run_dir)) and checkpoint.endswith("checkpoint-0000002")
     assert os.path.exists(metadata["loss_curve_path"])
