@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -33,7 +32,7 @@ from fc_pipeline.storage import write_json
 from fc_pipeline.train import OOM_EXIT_CODE
 
 from .checks import failed_shard_checks
-from .dataset import SHARDS, step_fingerprint, training_shards
+from .dataset import SHARDS, shards_version, training_shards
 from .deployment import GPU_OP_TAGS
 from .metadata import save_preview
 from .partitions import corpus_partitions
@@ -115,7 +114,7 @@ def shards_data_version(context: dg.AssetExecutionContext, corpus: str, shards_d
     ).records
     materialization = records[0].asset_materialization if records else None
     recorded = materialization.tags.get(DATA_VERSION_TAG) if materialization and materialization.tags else None
-    return recorded or step_fingerprint(sorted(shards_dir.glob("*/[0-9]*.parquet")), {})[:16]
+    return recorded or shards_version(shards_dir)
 
 
 def train_config(config: TrainingConfig, shards: list[str], runs_dir: Path, data_versions: dict[str, str], retry: int = 0):
@@ -182,7 +181,7 @@ def fastcomposer_checkpoint(
 
     if config.shards:
         datasets = {f"shards[{i}]": Path(url) for i, url in enumerate(config.shards)}
-        versions = {name: step_fingerprint(sorted(path.glob("*/[0-9]*.parquet")), {})[:16] for name, path in datasets.items()}
+        versions = {name: shards_version(path) for name, path in datasets.items()}
     else:
         datasets = {corpus: store.path(corpus, SHARDS) for corpus in training_corpora(context, config, store)}
         versions = {corpus: shards_data_version(context, corpus, path) for corpus, path in datasets.items()}
