@@ -27,9 +27,11 @@ test: $(STAMP)
 
 # webserver (http://127.0.0.1:3000, loopback only) + daemon (sensors, schedules, run queue) on the
 # instance in $DAGSTER_HOME (default .dagster_home, the demo's); seeds it with dagster.yaml unless it has one.
+# webserver + daemon on 127.0.0.1:3000; `fc-pipeline instance` copies dagster.yaml into the
+# instance dir (never over an existing one) and sizes the `gpu` pool to the visible GPUs
 ui: $(STAMP)
-	export DAGSTER_HOME="$${DAGSTER_HOME:-$(CURDIR)/.dagster_home}" && mkdir -p "$$DAGSTER_HOME" && \
-	{ test -f "$$DAGSTER_HOME/dagster.yaml" || cp dagster.yaml "$$DAGSTER_HOME/"; } && \
+	export DAGSTER_HOME="$${DAGSTER_HOME:-$(CURDIR)/.dagster_home}" && \
+	$(BIN)/fc-pipeline instance && \
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 clean:

@@ -21,14 +21,17 @@ LAUNCHERS = ("auto", "accelerate", "torchrun")
 DEFAULT_PORT = 29500
 
 
-def _validate(num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None, main_process_port: int, launcher: str) -> None:
+def _validate(
+    num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None, main_process_port: int, launcher: str
+) -> None:
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, not {launcher!r}")
     if num_machines < 1:
         raise ValueError(f"num_machines must be at least 1, not {num_machines}")
     if num_processes < num_machines or num_processes % num_machines:
         raise ValueError(
-            f"num_processes is the total over all machines: a positive multiple of num_machines={num_machines}, not {num_processes}"
+            "num_processes is the total over all machines: "
+            f"a positive multiple of num_machines={num_machines}, not {num_processes}"
         )
     if not 0 <= machine_rank < num_machines:
         raise ValueError(f"machine_rank must be in [0, {num_machines}), not {machine_rank}")

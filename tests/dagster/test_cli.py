@@ -1,6 +1,7 @@
 """End to end through subprocesses on temporary Dagster instances: `fc-pipeline demo`, and the
 README's command-line materialisations and backfills (one corpus, a list, all, the failed ones)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,18 @@ def test_readme_materialize_command_on_a_fresh_dagster_home(demo, tmp_path):
     assert set(DATASET) | {"fastcomposer_checkpoint", "evaluation_report"} <= materialized
 
 
+def _manifest(folder: Path) -> str:
+    """A jsonl manifest of a demo corpus folder, with its captions and annotations."""
+    lines = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png") and ".panoptic" not in p.name):
+        caption, annotation = image.with_suffix(".txt"), image.with_name(image.stem + ".panoptic.json")
+        record = {"path": str(image)}
+        record |= {"caption": caption.read_text()} if caption.exists() else {}
+        record |= {"annotation": str(annotation)} if annotation.exists() else {}
+        lines.append(json.dumps(record) + "\n")
+    return "".join(lines)
+
+
 @pytest.mark.slow
 def test_backfills_from_the_command_line(tmp_path):
     """The README's backfill commands: one corpus, a list, the failed ones again, all."""
@@ -135,8 +148,7 @@ def test_backfills_from_the_command_line(tmp_path):
         assert instance.run(fc, "corpus", "failed").stdout.strip() == "broken"
 
         # fix the corpus, re-run only the failed ones
-        uploads = make_demo_corpus(instance.data / "uploads", n=SMALL)
-        (corpora / "broken.jsonl").write_text("".join(f'{{"path": "{p}"}}\n' for p in sorted(uploads.glob("*.jpg"))))
+        (corpora / "broken.jsonl").write_text(_manifest(make_demo_corpus(instance.data / "uploads", n=SMALL)))
         failed = instance.run(fc, "corpus", "failed").stdout.strip()
         instance.run(*backfill, "--partitions", failed)
         assert instance.wait_for_runs(4)["broken"] == "SUCCESS"

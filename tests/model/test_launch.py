@@ -197,5 +197,6 @@ def test_two_machines_form_one_process_group(tmp_path, launcher):
                 os.killpg(process.pid, 9)
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
-    reports = sorted((json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    reports = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
+    reports.sort(key=lambda report: report["rank"])
     assert reports == [{"rank": 0, "world": 2, "sum": 3.0}, {"rank": 1, "world": 2, "sum": 3.0}]
