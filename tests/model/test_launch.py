@@ -6,6 +6,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch.distributed.run as torchrun
@@ -200,3 +201,41 @@ def test_two_machines_form_one_process_group(tmp_path, launcher):
     reports = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
     reports.sort(key=lambda report: report["rank"])
     assert reports == [{"rank": 0, "world": 2, "sum": 3.0}, {"rank": 1, "world": 2, "sum": 3.0}]
+
+
+@pytest.mark.slow
+def test_two_machines_train_one_model(synthetic_shards, tmp_path):
+    """The real thing on one host: machine 0 runs the command the training asset builds, machine 1 runs
+    ``python -m fc_pipeline.launch`` with the environment of a worker pod; DDP over gloo trains two steps
+    and only rank 0 reports."""
+    import dataclasses
+
+    from fc_pipeline.train import TrainConfig
+
+    config = TrainConfig.tiny(str(synthetic_shards), str(tmp_path / "run"), resolution=32, train_batch_size=2, max_steps=2,
+                              checkpoint_every=2, progress=False)  # fmt: skip
+    config_path = tmp_path / "train_config.json"
+    config_path.write_text(json.dumps(dataclasses.asdict(config)))
+    port = _free_port()
+    main_rank = training_command(config_path, num_processes=2, num_machines=2, main_process_ip="127.0.0.1", main_process_port=port)
+    worker_env = {"FC_PIPELINE_NUM_MACHINES": "2", "JOB_COMPLETION_INDEX": "0", "FC_PIPELINE_MACHINE_RANK_OFFSET": "1",
+                  "FC_PIPELINE_MAIN_PROCESS_IP": "127.0.0.1", "FC_PIPELINE_MAIN_PROCESS_PORT": str(port)}  # fmt: skip
+    worker = [sys.executable, "-m", "fc_pipeline.launch", "--config", str(config_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    processes = [
+        subprocess.Popen(command, env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+        for command, extra in ((main_rank, {}), (worker, worker_env))
+    ]
+    try:
+        outputs = [process.communicate(timeout=400) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-4000:]
+    summary = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert summary["steps"] == 2 and Path(summary["checkpoint"]).is_dir()
+    assert outputs[1][0].strip() == ""  # rank 1 trains but does not report
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
