@@ -33,7 +33,7 @@ from fc_pipeline.train import OOM_EXIT_CODE
 
 from .checks import failed_shard_checks
 from .dataset import SHARDS, shards_version, training_shards
-from .deployment import GPU_OP_TAGS
+from .deployment import TRAINING_OP_TAGS, training_workers
 from .metadata import save_preview
 from .partitions import corpus_partitions
 from .resources import GPU_POOL, DatasetStore
@@ -78,7 +78,9 @@ class TrainingConfig(dg.Config):
     resume: bool = Field(default=True, description="Resume the run's newest checkpoint, if any.")
     num_processes: int = Field(default=0, description="Training processes per machine; 0: one per visible GPU, else 1 (paper 8).")
     num_machines: int = Field(default=1, description="Machines of a multi-node run (this step is rank 0; see docs/deploy-k8s.md).")
-    main_process_ip: str = Field(default="", description="Address of rank 0 for a multi-node run.")
+    main_process_ip: str = Field(
+        default="", description="Address of rank 0 for a multi-node run; empty: on Kubernetes, machines 1..N-1 are started from this step's pod."
+    )
     main_process_port: int = Field(default=29500, description="Rendezvous port of a multi-node run.")
 
 
@@ -166,7 +168,7 @@ def loss_curve(metrics_path: Path, out_path: Path) -> str:
     deps=[dg.AssetDep(training_shards, partition_mapping=dg.AllPartitionMapping())],
     group_name="training",
     pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
+    op_tags=TRAINING_OP_TAGS,
     kinds={"pytorch", "safetensors"},
 )
 def fastcomposer_checkpoint(
@@ -190,23 +192,31 @@ def fastcomposer_checkpoint(
     config_path = run_dir / "train_config.json"
     write_json(dataclasses.asdict(run), config_path)
     processes = config.num_processes or max(1, torch.cuda.device_count())
-    command = training_command(
-        config_path,
-        num_processes=processes * config.num_machines,
-        num_machines=config.num_machines,
-        main_process_ip=config.main_process_ip or None,
-        main_process_port=config.main_process_port,
-    )
-    context.log.info(f"training on {list(datasets)} in {run_dir}: {' '.join(command)}")
     # On CPU one OpenMP thread is fastest for these models: two threads on a busy machine spin.
     env = {} if torch.cuda.is_available() else {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    try:
-        reported = pipes_subprocess_client.run(command=command, context=context, env=env).get_materialize_result()
-    except dg.DagsterPipesExecutionError as error:
-        if f"code {OOM_EXIT_CODE}" in str(error) and run.train_batch_size > 1:
-            context.log.warning(f"out of GPU memory at batch {run.train_batch_size}; retrying with half the batch")
-            raise dg.RetryRequested(max_retries=OOM_RETRIES) from error
-        raise
+    with training_workers(
+        config_path,
+        num_machines=config.num_machines,
+        processes_per_machine=processes,
+        main_process_ip=config.main_process_ip or None,
+        main_process_port=config.main_process_port,
+        log=context.log.info,
+    ) as main_process_ip:
+        command = training_command(
+            config_path,
+            num_processes=processes * config.num_machines,
+            num_machines=config.num_machines,
+            main_process_ip=main_process_ip,
+            main_process_port=config.main_process_port,
+        )
+        context.log.info(f"training on {list(datasets)} in {run_dir}: {' '.join(command)}")
+        try:
+            reported = pipes_subprocess_client.run(command=command, context=context, env=env).get_materialize_result()
+        except dg.DagsterPipesExecutionError as error:
+            if f"code {OOM_EXIT_CODE}" in str(error) and run.train_batch_size > 1:
+                context.log.warning(f"out of GPU memory at batch {run.train_batch_size}; retrying with half the batch")
+                raise dg.RetryRequested(max_retries=OOM_RETRIES) from error
+            raise
 
     curve_path = run_dir / "loss_curve.png"
     samples = {name: _sample_count(path) for name, path in datasets.items()}

@@ -223,7 +223,10 @@ def read_samples(url_or_dir: str | Path | list[str], split: str = "train") -> It
         urls = shard_urls(url_or_dir, split)
         if not urls:
             return
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    # No node/worker splitting here: the training loader (TrainingSamples) strides samples across
+    # processes and DataLoader workers itself, so every process reads every shard.
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    for sample in dataset:
         yield {
             "id": sample["__key__"],
             "image": load_image(sample["jpg"]),
