@@ -24,8 +24,19 @@ def _image(path, color=(200, 120, 40)):
 
 
 def _tick(store, instance, cursor=None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"store": store})
-    return corpus_sensor(context)
+    # contexts are closed in order: an unclosed one would leave its instance "current" in Dagster
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"store": store}) as context:
+        return corpus_sensor(context)
+
+
+def _nightly(store, instance):
+    with dg.build_schedule_context(instance=instance, resources={"store": store}) as context:
+        return nightly_dataset_refresh(context)
+
+
+def _training_policy(instance):
+    with dg.build_sensor_context(instance=instance) as context:
+        return train_on_new_samples(context)
 
 
 def _apply(instance, result: dg.SensorResult):
@@ -77,12 +88,11 @@ def test_sensor_restart_with_its_cursor_redoes_nothing(tmp_path):
 
 def test_nightly_schedule_requests_only_corpora_whose_files_changed(chain):
     store = chain.store()
-    context = dg.build_schedule_context(instance=chain.instance, resources={"store": store})
-    assert isinstance(nightly_dataset_refresh(context), dg.SkipReason)  # demo is up to date
+    assert isinstance(_nightly(store, chain.instance), dg.SkipReason)  # demo is up to date
     extra = store.source("demo") / "zz_new_upload.jpg"
     _image(extra, (1, 2, 3))
     try:
-        (request,) = nightly_dataset_refresh(dg.build_schedule_context(instance=chain.instance, resources={"store": store}))
+        (request,) = _nightly(store, chain.instance)
         assert request.partition_key == "demo" and request.run_key.startswith("nightly:demo:")
     finally:
         extra.unlink()
@@ -136,7 +146,8 @@ def _partition_checks(instance, corpus):
 
 
 def test_failing_blocking_check_keeps_training_from_the_corpus(chain):
-    assert _partition_checks(chain.instance, "demo") == {}  # the session build passed its checks
+    assert chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS], {}).success
+    assert _partition_checks(chain.instance, "demo") == {}  # checks passed on the latest shards
     strict = {"ops": {"training_shards_failure_rate": {"config": {"min_yield": 1.0}}}}
     failed = chain.materialize([dataset.training_shards, checks.failure_rate], strict)
     assert not failed.success
@@ -158,7 +169,7 @@ def test_failing_blocking_check_keeps_training_from_the_corpus(chain):
     assert "failure_rate failed" in failure.event_specific_data.error.message
 
     # the training sensor waits too, and says why
-    skip = train_on_new_samples(dg.build_sensor_context(instance=chain.instance))
+    skip = _training_policy(chain.instance)
     assert isinstance(skip, dg.SkipReason)
 
     # the checks pass again on a fresh evaluation: training is unblocked
@@ -189,10 +200,10 @@ def test_training_policy_counts_new_samples_against_the_last_checkpoint(chain, m
 
         shards(5)
         monkeypatch.setenv(automation.MIN_NEW_SAMPLES_ENV, "10")
-        skip = train_on_new_samples(dg.build_sensor_context(instance=instance))
+        skip = _training_policy(instance)
         assert isinstance(skip, dg.SkipReason) and "5 new training samples" in skip.skip_message
         shards(12)
-        request = train_on_new_samples(dg.build_sensor_context(instance=instance))
+        request = _training_policy(instance)
         assert isinstance(request, dg.RunRequest) and request.run_key == "train:12"
 
         @dg.asset(name="fastcomposer_checkpoint")
@@ -200,9 +211,9 @@ def test_training_policy_counts_new_samples_against_the_last_checkpoint(chain, m
             return dg.MaterializeResult(metadata={"dataset_samples": 12})
 
         dg.materialize([trained], instance=instance)
-        assert isinstance(train_on_new_samples(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+        assert isinstance(_training_policy(instance), dg.SkipReason)
         shards(25, passed=False)
-        waiting = train_on_new_samples(dg.build_sensor_context(instance=instance))
+        waiting = _training_policy(instance)
         assert isinstance(waiting, dg.SkipReason) and "blocking checks" in waiting.skip_message
 
 
