@@ -159,7 +159,10 @@ import json, torch
 from accelerate import Accelerator
 accelerator = Accelerator()
 total = accelerator.reduce(torch.tensor([float(accelerator.process_index + 1)]), reduction="sum")
-print(json.dumps({"rank": accelerator.process_index, "world": accelerator.num_processes, "sum": total.item()}))
+print(json.dumps({"rank": accelerator.process_index, "world": accelerator.num_processes, "sum": total.item()}), flush=True)
+# leave the group as training does: a process that exits with gloo threads alive may abort (SIGABRT)
+accelerator.wait_for_everyone()
+accelerator.end_training()
 """
 
 
@@ -191,7 +194,7 @@ def test_two_machines_form_one_process_group(tmp_path, launcher):
         for command in (main_rank, worker)
     ]
     try:
-        outputs = [process.communicate(timeout=240) for process in processes]
+        outputs = [process.communicate(timeout=120) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
