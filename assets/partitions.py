@@ -7,4 +7,6 @@ chain is partitioned by it, so each corpus is built, checked and backfilled on i
 
 import dagster as dg
 
-corpus_partitions = dg.DynamicPartitionsDefinition(name="corpus")
+from fc_pipeline.instance import CORPUS_PARTITIONS
+
+corpus_partitions = dg.DynamicPartitionsDefinition(name=CORPUS_PARTITIONS)

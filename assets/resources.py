@@ -14,11 +14,11 @@ from typing import Any
 
 import dagster as dg
 
+from fc_pipeline.instance import GPU_POOL  # noqa: F401  (the pool of every step that needs the accelerator)
 from fc_pipeline.models import ModelProfile, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = "demo"
-GPU_POOL = "gpu"  # Dagster concurrency pool of every step that needs the accelerator
 
 
 def default_data_root() -> Path:
