@@ -172,6 +172,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _side_by_side(commands: list[tuple[list[str], dict]], timeout: float) -> list[tuple[str, str]]:
+    """Start every ``(command, env)`` at once (as the machines of one run), wait for all, assert they
+    succeeded; their ``(stdout, stderr)``."""
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for command, env in commands
+    ]
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-4000:]
+    return outputs
+
+
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_two_machines_form_one_process_group(tmp_path, launcher):
     """Rank 0 as the training asset builds it, rank 1 from an Indexed Job pod's environment: started
@@ -188,19 +206,7 @@ def test_two_machines_form_one_process_group(tmp_path, launcher):
     assert main_rank[-len(SCRIPT) :] == worker[-len(SCRIPT) :] == SCRIPT
     # the same launchers, with the probe in place of the training module
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    processes = [
-        subprocess.Popen([*command[: -len(SCRIPT)], "-m", "probe"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)  # fmt: skip
-        for command in (main_rank, worker)
-    ]
-    try:
-        outputs = [process.communicate(timeout=120) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, 9)
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
+    outputs = _side_by_side([([*command[: -len(SCRIPT)], "-m", "probe"], env) for command in (main_rank, worker)], timeout=120)
     reports = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
     reports.sort(key=lambda report: report["rank"])
     assert reports == [{"rank": 0, "world": 2, "sum": 3.0}, {"rank": 1, "world": 2, "sum": 3.0}]
@@ -225,19 +231,7 @@ def test_two_machines_train_one_model(synthetic_shards, tmp_path):
                   "FC_PIPELINE_MAIN_PROCESS_IP": "127.0.0.1", "FC_PIPELINE_MAIN_PROCESS_PORT": str(port)}  # fmt: skip
     worker = [sys.executable, "-m", "fc_pipeline.launch", "--config", str(config_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    processes = [
-        subprocess.Popen(command, env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # fmt: skip
-        for command, extra in ((main_rank, {}), (worker, worker_env))
-    ]
-    try:
-        outputs = [process.communicate(timeout=400) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, 9)
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-4000:]
+    outputs = _side_by_side([(main_rank, env), (worker, {**env, **worker_env})], timeout=400)
     summary = json.loads(outputs[0][0].strip().splitlines()[-1])
     assert summary["steps"] == 2 and Path(summary["checkpoint"]).is_dir()
     assert outputs[1][0].strip() == ""  # rank 1 trains but does not report
