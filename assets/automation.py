@@ -26,7 +26,7 @@ from .checks import failed_shard_checks
 from .dataset import GROUP as DATASET_GROUP
 from .dataset import corpus_images, training_shards
 from .evaluation import evaluation_report
-from .partitions import corpus_partitions
+from .partitions import corpus_partitions, latest_materialization
 from .resources import DatasetStore
 from .training import fastcomposer_checkpoint
 
@@ -49,10 +49,8 @@ train_job = dg.define_asset_job(
 
 def latest_partition_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str) -> dict:
     """Metadata values of the latest materialisation of one partition of an asset ({} if none)."""
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
-    if not records or records[0].asset_materialization is None:
-        return {}
-    return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
+    materialization = latest_materialization(instance, asset_key, partition)
+    return {key: value.value for key, value in materialization.metadata.items()} if materialization else {}
 
 
 @dg.sensor(

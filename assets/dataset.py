@@ -24,7 +24,7 @@ from PIL import Image
 from pydantic import Field
 
 from fc_pipeline.data.demo import DEFAULT_SIZE as DEMO_SIZE
-from fc_pipeline.data.demo import make_demo_corpus
+from fc_pipeline.data.demo import DEMO_CORPUS, make_demo_corpus
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import load_image
 from fc_pipeline.models import get_profile
@@ -33,7 +33,7 @@ from fc_pipeline.storage import read_parquet, write_parquet
 from .deployment import GPU_OP_TAGS
 from .metadata import caption_examples, contact_sheet, failure_counts, markdown_table, overlay_segments, save_preview
 from .partitions import corpus_partitions
-from .resources import DEMO_CORPUS, GPU_POOL, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
+from .resources import GPU_POOL, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
 
 GROUP = "dataset"
 PREVIEW_IMAGES = 4
@@ -53,7 +53,7 @@ class CorpusImagesConfig(dg.Config):
     source: str = Field(
         default="",
         description="Corpus folder or parquet/jsonl manifest. Empty: <data_root>/corpora/<partition> "
-        "(folder, or .jsonl/.parquet manifest); the 'demo' corpus is drawn there when missing.",
+        "(folder, or .jsonl/.parquet manifest); for the 'demo' corpus the demo images are drawn there first.",
     )
     demo_images: int = Field(default=DEMO_SIZE, description="Size of the drawn demo corpus.")
 

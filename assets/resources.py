@@ -18,7 +18,6 @@ from fc_pipeline.instance import GPU_POOL  # noqa: F401  (the pool of every step
 from fc_pipeline.models import ModelProfile, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CORPUS = "demo"
 
 
 def default_data_root() -> Path:

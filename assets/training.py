@@ -35,7 +35,7 @@ from .checks import failed_shard_checks
 from .dataset import SHARDS, shards_version, training_shards
 from .deployment import TRAINING_OP_TAGS, training_workers
 from .metadata import save_preview
-from .partitions import corpus_partitions
+from .partitions import corpus_partitions, latest_materialization
 from .resources import GPU_POOL, DatasetStore
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -111,10 +111,7 @@ def training_corpora(context: dg.AssetExecutionContext, config: TrainingConfig, 
 
 def shards_data_version(context: dg.AssetExecutionContext, corpus: str, shards_dir: Path) -> str:
     """The data version ``training_shards`` last recorded for the corpus, else the fingerprint it would record."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=training_shards.key, asset_partitions=[corpus]), limit=1
-    ).records
-    materialization = records[0].asset_materialization if records else None
+    materialization = latest_materialization(context.instance, training_shards.key, corpus)
     recorded = materialization.tags.get(DATA_VERSION_TAG) if materialization and materialization.tags else None
     return recorded or shards_version(shards_dir)
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fc_pipeline.data.demo import DEMO_CORPUS
 from fc_pipeline.instance import prepare_dagster_home, register_corpora
-
-DEMO_CORPUS = "demo"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from fc_pipeline.storage import atomic_write, write_json
 
 DEFAULT_SIZE = 24
+DEMO_CORPUS = "demo"  # the corpus (Dagster partition) name the demo corpus is drawn under
 CORRUPT_NAME = "broken_upload.jpg"
 MARKER_NAME = ".demo_corpus.json"
 # Bump when the drawing changes: a corpus made by another version is redrawn.
