@@ -5,11 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv ui clean
+.PHONY: demo test lint format venv ui clean
 
 venv: $(STAMP)
 
-# torch/torchvision are pinned to the release this machine's pip serves (DESIGN §7);
+# torch/torchvision are pinned to the release this machine's pip serves (docs/architecture.md, Environment);
 # facenet-pytorch goes in --no-deps because its metadata pins old torch/numpy.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# ruff lint + format check (configuration in pyproject.toml); `make format` rewrites in place
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # webserver (http://127.0.0.1:3000, loopback only) + daemon (sensors, schedules, run queue) on the
 # instance in $DAGSTER_HOME (default .dagster_home, the demo's); seeds it with dagster.yaml unless it has one.

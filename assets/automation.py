@@ -64,7 +64,9 @@ def corpus_sensor(context: dg.SensorEvaluationContext, store: DatasetStore) -> d
     signatures = {name: corpus_signature(path) for name, path in store.corpora().items()}
     registered = set(context.instance.get_dynamic_partitions(corpus_partitions.name))
     new = sorted(name for name in signatures if name not in registered)
-    changed = sorted(name for name, signature in signatures.items() if name in registered and seen.get(name) != signature)
+    changed = sorted(
+        name for name, signature in signatures.items() if name in registered and seen.get(name) != signature
+    )
     if not new and not changed:
         return dg.SkipReason(f"no new or changed corpus under {store.corpora_dir} ({len(signatures)} known)")
     run_requests = [
@@ -125,10 +127,16 @@ def train_on_new_samples(context: dg.SensorEvaluationContext) -> dg.RunRequest |
             available[corpus] = samples.get("train", 0)
     total = sum(available.values())
     event = instance.get_latest_materialization_event(fastcomposer_checkpoint.key)
-    trained = event.asset_materialization.metadata["dataset_samples"].value if event and "dataset_samples" in event.asset_materialization.metadata else 0
+    trained = (
+        event.asset_materialization.metadata["dataset_samples"].value
+        if event and "dataset_samples" in event.asset_materialization.metadata
+        else 0
+    )
     threshold = min_new_samples()
     if total - trained < threshold:
-        return dg.SkipReason(f"{total - trained} new training samples since the last checkpoint (threshold {threshold})")
+        return dg.SkipReason(
+            f"{total - trained} new training samples since the last checkpoint (threshold {threshold})"
+        )
     failing = failed_shard_checks(instance, sorted(available))
     if failing:
         return dg.SkipReason(f"waiting for corpora whose blocking checks did not pass: {json.dumps(failing)}")

@@ -9,9 +9,9 @@ import warnings
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from pydantic import Field
 
 from fc_pipeline.storage import read_parquet
@@ -82,7 +82,11 @@ def evaluate_shards_readable(shards_dir: Path) -> dg.AssetCheckResult:
                     problems.append(f"{sample['id']}: segment map does not fit the image")
         except Exception as exc:  # any decoding error means unreadable shards
             problems.append(f"{split}: {type(exc).__name__}: {exc}")
-    problems += [f"{split}: {counts.get(split)} samples read, {n} expected" for split, n in expected.items() if counts.get(split) != n]
+    problems += [
+        f"{split}: {counts.get(split)} samples read, {n} expected"
+        for split, n in expected.items()
+        if counts.get(split) != n
+    ]
     return dg.AssetCheckResult(
         passed=not problems and sum(counts.values()) > 0,
         metadata={"samples_read": dg.MetadataValue.json(counts), "problems": dg.MetadataValue.json(problems[:20])},
@@ -100,7 +104,9 @@ def evaluate_subject_rate(shards_dir: Path, min_rate: float) -> dg.AssetCheckRes
     )
 
 
-def evaluate_failure_rate(corpus: pa.Table, ledger: pa.Table, max_error_rate: float, min_yield: float) -> dg.AssetCheckResult:
+def evaluate_failure_rate(
+    corpus: pa.Table, ledger: pa.Table, max_error_rate: float, min_yield: float
+) -> dg.AssetCheckResult:
     """Images failed by an error (broken file, annotation or model) stay under ``max_error_rate``
     and the share of images that became samples is at least ``min_yield``."""
     reasons = ledger.column("reason").to_pylist()
@@ -149,30 +155,44 @@ PER_CORPUS = {"partitions_def": corpus_partitions}
 
 
 @dg.asset_check(asset=corpus_images, **PER_CORPUS, description="most corpus files decode as images (warning only)")
-def readable_images(context: dg.AssetCheckExecutionContext, config: ReadableRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
+def readable_images(
+    context: dg.AssetCheckExecutionContext, config: ReadableRateConfig, store: DatasetStore
+) -> dg.AssetCheckResult:
     return evaluate_readable_rate(read_parquet(store.path(context.partition_key, IMAGES)), config.min_rate)
 
 
 @dg.asset_check(asset=captions, blocking=True, **PER_CORPUS, description="readable images have non-empty captions")
-def caption_non_empty_rate(context: dg.AssetCheckExecutionContext, config: CaptionRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
+def caption_non_empty_rate(
+    context: dg.AssetCheckExecutionContext, config: CaptionRateConfig, store: DatasetStore
+) -> dg.AssetCheckResult:
     return evaluate_caption_rate(read_parquet(store.path(context.partition_key, CAPTIONS)), config.min_rate)
 
 
-@dg.asset_check(asset=training_shards, blocking=True, **PER_CORPUS, description="every shard sample reads back with webdataset")
+@dg.asset_check(
+    asset=training_shards, blocking=True, **PER_CORPUS, description="every shard sample reads back with webdataset"
+)
 def shards_readable(context: dg.AssetCheckExecutionContext, store: DatasetStore) -> dg.AssetCheckResult:
     return evaluate_shards_readable(store.path(context.partition_key, SHARDS))
 
 
 @dg.asset_check(asset=training_shards, blocking=True, **PER_CORPUS, description="samples carry at least one subject")
-def samples_with_subjects(context: dg.AssetCheckExecutionContext, config: SubjectRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
+def samples_with_subjects(
+    context: dg.AssetCheckExecutionContext, config: SubjectRateConfig, store: DatasetStore
+) -> dg.AssetCheckResult:
     return evaluate_subject_rate(store.path(context.partition_key, SHARDS), config.min_rate)
 
 
-@dg.asset_check(asset=training_shards, blocking=True, **PER_CORPUS, description="few images fail by error; enough become samples")
-def failure_rate(context: dg.AssetCheckExecutionContext, config: FailureRateConfig, store: DatasetStore) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=training_shards, blocking=True, **PER_CORPUS, description="few images fail by error; enough become samples"
+)
+def failure_rate(
+    context: dg.AssetCheckExecutionContext, config: FailureRateConfig, store: DatasetStore
+) -> dg.AssetCheckResult:
     corpus = context.partition_key
     ledger = read_parquet(store.path(corpus, SHARDS) / "failures.parquet")
-    return evaluate_failure_rate(read_parquet(store.path(corpus, IMAGES)), ledger, config.max_error_rate, config.min_yield)
+    return evaluate_failure_rate(
+        read_parquet(store.path(corpus, IMAGES)), ledger, config.max_error_rate, config.min_yield
+    )
 
 
 SHARD_CHECKS = [shards_readable, samples_with_subjects, failure_rate]
@@ -189,9 +209,12 @@ def failed_shard_checks(instance: dg.DagsterInstance, corpora: list[str]) -> dic
     for corpus in corpora:
         for key in keys:
             info = status.get((key.name, corpus))
-            if info is None or not info.is_current or info.latest_execution_status == AssetCheckExecutionRecordStatus.PLANNED:
+            if (
+                info is None
+                or not info.is_current
+                or info.latest_execution_status == AssetCheckExecutionRecordStatus.PLANNED
+            ):
                 problems.setdefault(corpus, {})[key.name] = "not run on the latest shards"
             elif info.latest_execution_status != AssetCheckExecutionRecordStatus.SUCCEEDED:
                 problems.setdefault(corpus, {})[key.name] = "failed"
     return problems
-

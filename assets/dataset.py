@@ -23,11 +23,11 @@ import pyarrow.compute as pc
 from PIL import Image
 from pydantic import Field
 
-from fc_pipeline.data.demo import DEFAULT_SIZE as DEMO_SIZE
-from fc_pipeline.data.demo import DEMO_CORPUS, make_demo_corpus
+from fc_pipeline.data.demo_corpus import DEFAULT_SIZE as DEMO_SIZE
+from fc_pipeline.data.demo_corpus import DEMO_CORPUS, make_demo_corpus
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import load_image
-from fc_pipeline.models import get_profile
+from fc_pipeline.profiles import get_profile
 from fc_pipeline.storage import read_parquet, write_parquet
 
 from .deployment import GPU_OP_TAGS
@@ -82,7 +82,9 @@ class ShardsConfig(dg.Config):
     samples_per_shard: int = Field(default=1000, description="Samples per webdataset tar.")
     val_fraction: float = Field(default=0.05, description="Share of images held out for validation.")
     val_max: int = Field(default=1000, description="At most this many validation images.")
-    rebuild: bool = Field(default=False, description="Rewrite every shard (otherwise new images only go into new shards).")
+    rebuild: bool = Field(
+        default=False, description="Rewrite every shard (otherwise new images only go into new shards)."
+    )
 
 
 # --- step bookkeeping -------------------------------------------------------------------------
@@ -105,17 +107,26 @@ def read_inputs(store: DatasetStore, corpus: str, *names: str) -> list[pa.Table]
     paths = [store.path(corpus, name) for name in names]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise dg.Failure(f"upstream output missing: {missing}; materialise the upstream assets of partition {corpus!r} first")
+        raise dg.Failure(
+            f"upstream output missing: {missing}; materialise the upstream assets of partition {corpus!r} first"
+        )
     return [read_parquet(p) for p in paths]
 
 
-def update_step(output: Path, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table]) -> tuple[pa.Table, dict]:
+def update_step(
+    output: Path, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table]
+) -> tuple[pa.Table, dict]:
     """Bring a step's table up to date (only images it has not seen are computed); the table and
     the counts for the asset's metadata."""
     from fc_pipeline.data.incremental import update_table
 
     update = update_table(output, inputs, settings, compute)
-    return update.table, {"status": update.status, "computed": update.computed, "reused": update.reused, "dropped": update.dropped}
+    return update.table, {
+        "status": update.status,
+        "computed": update.computed,
+        "reused": update.reused,
+        "dropped": update.dropped,
+    }
 
 
 def _resource_settings(resource: dg.ConfigurableResource) -> dict:
@@ -126,7 +137,8 @@ def _result(
     context: dg.AssetExecutionContext, *, status: str, rows: int, failures: dict, path: Path, version: str, **metadata
 ) -> dg.MaterializeResult:
     context.log.info(
-        f"{context.asset_key.to_user_string()}[{context.partition_key}]: {status}, {rows} rows, failures {failures or 'none'}"
+        f"{context.asset_key.to_user_string()}[{context.partition_key}]: {status}, {rows} rows, "
+        f"failures {failures or 'none'}"
     )
     return dg.MaterializeResult(
         metadata={
@@ -142,9 +154,17 @@ def _result(
     )
 
 
-def _table_result(context: dg.AssetExecutionContext, table: pa.Table, output: Path, counts: dict, **metadata) -> dg.MaterializeResult:
+def _table_result(
+    context: dg.AssetExecutionContext, table: pa.Table, output: Path, counts: dict, **metadata
+) -> dg.MaterializeResult:
     return _result(
-        context, rows=table.num_rows, failures=failure_counts(table), path=output, version=file_digest(output), **counts, **metadata
+        context,
+        rows=table.num_rows,
+        failures=failure_counts(table),
+        path=output,
+        version=file_digest(output),
+        **counts,
+        **metadata,
     )
 
 
@@ -172,7 +192,9 @@ MODEL_STEP = {**DATASET_ASSET, "pool": GPU_POOL, "op_tags": GPU_OP_TAGS}
 
 
 @dg.asset(**DATASET_ASSET, kinds={"parquet"})
-def corpus_images(context: dg.AssetExecutionContext, config: CorpusImagesConfig, store: DatasetStore) -> dg.MaterializeResult:
+def corpus_images(
+    context: dg.AssetExecutionContext, config: CorpusImagesConfig, store: DatasetStore
+) -> dg.MaterializeResult:
     """Every image of the corpus, once (id = sha256 prefix of its bytes), with the caption and
     panoptic annotation the corpus provides and a reason code for files that cannot be read.
     Files already scanned keep their decode result; only new files are decoded."""
@@ -202,7 +224,10 @@ def corpus_images(context: dg.AssetExecutionContext, config: CorpusImagesConfig,
         context,
         table,
         output,
-        {"status": "cached" if unchanged else "computed" if previous is None else "updated", "new_images": len(new_ids)},
+        {
+            "status": "cached" if unchanged else "computed" if previous is None else "updated",
+            "new_images": len(new_ids),
+        },
         source=dg.MetadataValue.path(str(source)),
         source_signature=signature,
         images=table.num_rows,
@@ -230,7 +255,9 @@ def captions(
     )
     sources = table.column("caption_source").to_pylist()
     rows = [r for r in table.to_pylist() if r["caption"]]
-    examples = [r for r in rows if r["caption_source"] == "model"][:3] + [r for r in rows if r["caption_source"] == "provided"][:3]
+    examples = [r for r in rows if r["caption_source"] == "model"][:3] + [
+        r for r in rows if r["caption_source"] == "provided"
+    ][:3]
     return _table_result(
         context,
         table,
@@ -256,7 +283,9 @@ def panoptic_segments(
         output,
         [images],
         {"segmenter": _resource_settings(segmenter)},
-        lambda rows: segment_corpus(rows, segmenter.load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size),
+        lambda rows: segment_corpus(
+            rows, segmenter.load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size
+        ),
     )
     per_image = {r["id"]: json.loads(r["segments"] or "[]") for r in table.to_pylist() if not r["error"]}
     labels = [s["label"] for segs in per_image.values() for s in segs]
@@ -272,7 +301,12 @@ def panoptic_segments(
         provided=sources.count("provided"),
         predicted=sources.count("model"),
         segment_maps=dg.MetadataValue.path(str(store.path(corpus, SEGMENT_MAPS))),
-        **_preview(store, corpus, "panoptic_segments", _segment_overlays(images, table, dict(list(shown.items())[:PREVIEW_IMAGES]))),
+        **_preview(
+            store,
+            corpus,
+            "panoptic_segments",
+            _segment_overlays(images, table, dict(list(shown.items())[:PREVIEW_IMAGES])),
+        ),
     )
 
 
@@ -329,7 +363,12 @@ def subject_matches(
         subjects=sum(histogram[k] * k for k in range(len(histogram))),
         images_with_subjects=len(shown),
         subjects_per_image=dg.MetadataValue.json({str(k): n for k, n in enumerate(histogram)}),
-        **_preview(store, corpus, "subject_matches", _segment_overlays(images, segments, dict(list(shown.items())[:PREVIEW_IMAGES]))),
+        **_preview(
+            store,
+            corpus,
+            "subject_matches",
+            _segment_overlays(images, segments, dict(list(shown.items())[:PREVIEW_IMAGES])),
+        ),
     )
 
 
@@ -359,14 +398,21 @@ def training_shards(
         rebuild=config.rebuild,
     )
     context.log.info(
-        f"shards: {stats['mode']}, {len(stats['written'])} written, {len(stats['skipped'])} kept, {stats['appended']} new samples"
+        f"shards: {stats['mode']}, {len(stats['written'])} written, {len(stats['skipped'])} kept, "
+        f"{stats['appended']} new samples"
     )
     samples = list(read_samples(out_dir, "train"))[:PREVIEW_IMAGES]
     examples = [
-        {"id": s["id"], "caption": s["meta"]["caption"], "subjects": ", ".join(x["phrase"] for x in s["meta"]["subjects"])}
+        {
+            "id": s["id"],
+            "caption": s["meta"]["caption"],
+            "subjects": ", ".join(x["phrase"] for x in s["meta"]["subjects"]),
+        }
         for s in samples
     ]
-    overlays = [overlay_segments(s["image"], s["seg"], [x["segment_id"] for x in s["meta"]["subjects"]]) for s in samples]
+    overlays = [
+        overlay_segments(s["image"], s["seg"], [x["segment_id"] for x in s["meta"]["subjects"]]) for s in samples
+    ]
     return _result(
         context,
         status={"unchanged": "cached", "appended": "updated", "rebuilt": "computed"}[stats["mode"]],

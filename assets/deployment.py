@@ -26,7 +26,7 @@ from typing import Any
 
 import dagster as dg
 
-from fc_pipeline.launch import DEFAULT_PORT
+from fc_pipeline.training.launch import DEFAULT_PORT
 
 EXECUTOR_ENV = "FC_PIPELINE_EXECUTOR"
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -63,7 +63,10 @@ def gpu_step_k8s_config(env: Mapping[str, str] = os.environ, gpus: int = 1) -> d
     return {
         "container_config": {
             # an extended resource is requested by its limit; CPU/memory: model loading and data decoding
-            "resources": {"limits": {GPU_RESOURCE: str(gpus)}, "requests": {"cpu": str(4 * gpus), "memory": f"{32 * gpus}Gi"}},
+            "resources": {
+                "limits": {GPU_RESOURCE: str(gpus)},
+                "requests": {"cpu": str(4 * gpus), "memory": f"{32 * gpus}Gi"},
+            },
         },
         "pod_spec_config": {
             "node_selector": node_selector,
@@ -74,7 +77,9 @@ def gpu_step_k8s_config(env: Mapping[str, str] = os.environ, gpus: int = 1) -> d
 
 GPU_OP_TAGS: dict[str, Any] = {K8S_CONFIG_TAG: gpu_step_k8s_config()}
 # the training step's pod is machine 0 of the run; with several GPUs per machine it asks for all of them
-TRAINING_OP_TAGS: dict[str, Any] = {K8S_CONFIG_TAG: gpu_step_k8s_config(gpus=int(os.environ.get("FC_PIPELINE_TRAINING_GPUS") or 1))}
+TRAINING_OP_TAGS: dict[str, Any] = {
+    K8S_CONFIG_TAG: gpu_step_k8s_config(gpus=int(os.environ.get("FC_PIPELINE_TRAINING_GPUS") or 1))
+}
 
 
 def k8s_executor_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -124,11 +129,18 @@ WORKER_ENV = (
 SERVICE_ACCOUNT_VOLUME = "kube-api-access-"  # the API token volume Kubernetes adds to every pod
 
 
-def worker_job(pod, config_path: str | Path, *, num_machines: int, processes_per_machine: int, main_process_port: int = DEFAULT_PORT):
+def worker_job(
+    pod,
+    config_path: str | Path,
+    *,
+    num_machines: int,
+    processes_per_machine: int,
+    main_process_port: int = DEFAULT_PORT,
+):
     """The Indexed Job (``kubernetes.client.V1Job``) of machines 1..N-1 of a training run whose machine 0 is ``pod``.
 
     Each worker pod copies ``pod``'s spec (image, env, data volume, GPUs, node selector, tolerations)
-    and runs ``python -m fc_pipeline.launch --config <config_path>``: pod ``i`` of the Job
+    and runs ``python -m fc_pipeline.training.launch --config <config_path>``: pod ``i`` of the Job
     (``JOB_COMPLETION_INDEX``) is machine ``i + 1`` and connects to ``pod``'s IP. The Job belongs to
     ``pod``: Kubernetes deletes it with the pod.
     """
@@ -141,9 +153,11 @@ def worker_job(pod, config_path: str | Path, *, num_machines: int, processes_per
     spec.volumes = [v for v in spec.volumes or [] if not v.name.startswith(SERVICE_ACCOUNT_VOLUME)]
     container = spec.containers[0]
     spec.containers = [container]
-    container.command = [sys.executable, "-m", "fc_pipeline.launch", "--config", str(config_path)]
+    container.command = [sys.executable, "-m", "fc_pipeline.training.launch", "--config", str(config_path)]
     container.args = None
-    container.volume_mounts = [m for m in container.volume_mounts or [] if not m.name.startswith(SERVICE_ACCOUNT_VOLUME)]
+    container.volume_mounts = [
+        m for m in container.volume_mounts or [] if not m.name.startswith(SERVICE_ACCOUNT_VOLUME)
+    ]
     place = {
         "FC_PIPELINE_NUM_MACHINES": num_machines,
         "FC_PIPELINE_PROCESSES_PER_MACHINE": processes_per_machine,
@@ -165,7 +179,9 @@ def worker_job(pod, config_path: str | Path, *, num_machines: int, processes_per
             name="fc-train-workers-" + hashlib.sha256(pod.metadata.name.encode()).hexdigest()[:10],
             namespace=pod.metadata.namespace,
             labels=labels,
-            owner_references=[client.V1OwnerReference(api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid)],
+            owner_references=[
+                client.V1OwnerReference(api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid)
+            ],
         ),
         spec=client.V1JobSpec(
             completion_mode="Indexed",
@@ -193,7 +209,7 @@ def training_workers(
 ) -> Iterator[str | None]:
     """Machines 1..N-1 of a multi-node training run, while the ``with`` block trains machine 0.
 
-    Yields the main process address for :func:`fc_pipeline.launch.training_command`. One machine, or a
+    Yields the main process address for :func:`fc_pipeline.training.launch.training_command`. One machine, or a
     given ``main_process_ip`` (workers started some other way), creates nothing and yields it. Else this
     must run in a Kubernetes pod (the training step's, k8s executor): the workers' Indexed Job
     (:func:`worker_job`) is created from this pod (``$HOSTNAME``) and deleted when the block ends.
@@ -216,11 +232,18 @@ def training_workers(
     batch_api = batch_api or client.BatchV1Api()
     pod = core_api.read_namespaced_pod(name=env["HOSTNAME"], namespace=namespace)
     job = worker_job(
-        pod, config_path, num_machines=num_machines, processes_per_machine=processes_per_machine, main_process_port=main_process_port
+        pod,
+        config_path,
+        num_machines=num_machines,
+        processes_per_machine=processes_per_machine,
+        main_process_port=main_process_port,
     )
     batch_api.create_namespaced_job(namespace=namespace, body=job)
     name = job.metadata.name
-    log(f"started machines 1..{num_machines - 1} as Kubernetes Job {name} (kubectl logs -n {namespace} -l job-name={name})")
+    log(
+        f"started machines 1..{num_machines - 1} as Kubernetes Job {name} "
+        f"(kubectl logs -n {namespace} -l job-name={name})"
+    )
     try:
         yield pod.status.pod_ip
     finally:

@@ -6,7 +6,6 @@ overrides it) and shows the summary table and the α trade-off plot in the UI. T
 ``identity_floor`` warns when identity preservation falls below a configured floor.
 """
 
-
 import base64
 from pathlib import Path
 
@@ -47,47 +46,73 @@ def checkpoint_path(context: dg.AssetExecutionContext, configured: str) -> Path:
         return Path(configured)
     event = context.instance.get_latest_materialization_event(CHECKPOINT_ASSET)
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{CHECKPOINT_ASSET.to_user_string()} has never been materialised; train first or set config.checkpoint")
+        raise dg.Failure(
+            f"{CHECKPOINT_ASSET.to_user_string()} has never been materialised; train first or set config.checkpoint"
+        )
     metadata = event.asset_materialization.metadata
     for key in CHECKPOINT_METADATA_KEYS:
         if key in metadata:
             value = metadata[key].value
             return Path(value.path if hasattr(value, "path") else value)
-    raise dg.Failure(f"{CHECKPOINT_ASSET.to_user_string()} recorded none of the metadata keys {CHECKPOINT_METADATA_KEYS}")
+    raise dg.Failure(
+        f"{CHECKPOINT_ASSET.to_user_string()} recorded none of the metadata keys {CHECKPOINT_METADATA_KEYS}"
+    )
 
 
-@dg.asset(deps=[CHECKPOINT_ASSET], group_name="evaluation", pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "parquet"})
-def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, store: DatasetStore,
-                      evaluator: EvaluatorResource) -> dg.MaterializeResult:
+@dg.asset(
+    deps=[CHECKPOINT_ASSET], group_name="evaluation", pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "parquet"}
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext, config: EvaluationReportConfig, store: DatasetStore, evaluator: EvaluatorResource
+) -> dg.MaterializeResult:
     """Identity preservation and prompt consistency of the checkpoint, with α sweep and report."""
     checkpoint = checkpoint_path(context, config.checkpoint)
     # a checkpoint is <run>/checkpoint-N: both names, so runs never overwrite each other's report
     out_dir = store.root / "evaluation" / checkpoint.parent.name / checkpoint.name
-    subjects_dir = Path(config.subjects_dir) if config.subjects_dir else write_demo_subjects(store.root / "evaluation" / "demo_subjects")
+    subjects_dir = (
+        Path(config.subjects_dir)
+        if config.subjects_dir
+        else write_demo_subjects(store.root / "evaluation" / "demo_subjects")
+    )
     settings = config.model_dump(exclude={"checkpoint", "subjects_dir", "resolution"})
     size = config.resolution or None
     context.log.info(f"evaluating {checkpoint} on {subjects_dir} -> {out_dir}")
     result = run_evaluation(
-        checkpoint, subjects_dir, out_dir,
-        EvaluationConfig(**{**settings, "prompt_sets": tuple(config.prompt_sets), "alphas": tuple(config.alphas)},
-                         height=size, width=size),
-        profile=evaluator.profile, faces=evaluator.face_scorer(), prompt_scorer=evaluator.prompt_scorer(),
+        checkpoint,
+        subjects_dir,
+        out_dir,
+        EvaluationConfig(
+            **{**settings, "prompt_sets": tuple(config.prompt_sets), "alphas": tuple(config.alphas)},
+            height=size,
+            width=size,
+        ),
+        profile=evaluator.profile,
+        faces=evaluator.face_scorer(),
+        prompt_scorer=evaluator.prompt_scorer(),
         progress=context.log.info,
     )
     plot = Path(result["paths"]["alpha_sweep"])
-    headline = {f"{setting}/{metric}": value for setting, metrics in result["headline"].items()
-                for metric, value in metrics.items() if value is not None}
-    return dg.MaterializeResult(metadata={
-        "summary": dg.MetadataValue.md(markdown_table(result["summary"], SUMMARY_COLUMNS)),
-        "alpha_tradeoff": dg.MetadataValue.md(f"![alpha sweep](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"),
-        "report": dg.MetadataValue.path(result["paths"]["html"]),
-        "report_md": dg.MetadataValue.path(result["paths"]["report"]),
-        "scores": dg.MetadataValue.path(result["paths"]["scores"]),
-        "checkpoint": dg.MetadataValue.path(str(checkpoint)),
-        "images": result["images"],
-        "headline": dg.MetadataValue.json(result["headline"]),
-        **headline,
-    })
+    headline = {
+        f"{setting}/{metric}": value
+        for setting, metrics in result["headline"].items()
+        for metric, value in metrics.items()
+        if value is not None
+    }
+    return dg.MaterializeResult(
+        metadata={
+            "summary": dg.MetadataValue.md(markdown_table(result["summary"], SUMMARY_COLUMNS)),
+            "alpha_tradeoff": dg.MetadataValue.md(
+                f"![alpha sweep](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"
+            ),
+            "report": dg.MetadataValue.path(result["paths"]["html"]),
+            "report_md": dg.MetadataValue.path(result["paths"]["report"]),
+            "scores": dg.MetadataValue.path(result["paths"]["scores"]),
+            "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+            "images": result["images"],
+            "headline": dg.MetadataValue.json(result["headline"]),
+            **headline,
+        }
+    )
 
 
 class IdentityFloorConfig(dg.Config):
@@ -106,7 +131,10 @@ def identity_floor(context: dg.AssetCheckExecutionContext, config: IdentityFloor
     return dg.AssetCheckResult(
         passed=bool(scores) and not below,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"floor_pct": config.floor_pct, "identity_pct": dg.MetadataValue.json(scores),
-                  "below_floor": dg.MetadataValue.json(below or {})},
+        metadata={
+            "floor_pct": config.floor_pct,
+            "identity_pct": dg.MetadataValue.json(scores),
+            "below_floor": dg.MetadataValue.json(below or {}),
+        },
         description=None if scores else "no evaluation scores recorded",
     )

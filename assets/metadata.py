@@ -23,8 +23,16 @@ THUMBNAIL_HEIGHT = 128
 # Distinct, readable colours for segment overlays (cycled by segment id).
 PALETTE = np.array(
     [
-        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (0, 128, 128),
     ],
     dtype=np.float32,
 )
@@ -77,7 +85,9 @@ def caption_examples(phrases: pa.Table, limit: int = 5) -> str:
     return markdown_table(examples, ["raw caption", "expanded caption", "phrases"])
 
 
-def overlay_segments(image: Image.Image, seg: np.ndarray, segment_ids: Iterable[int] | None = None, alpha: float = 0.5) -> Image.Image:
+def overlay_segments(
+    image: Image.Image, seg: np.ndarray, segment_ids: Iterable[int] | None = None, alpha: float = 0.5
+) -> Image.Image:
     """``image`` with segments of the id map ``seg`` tinted (all non-zero ids, or ``segment_ids``)."""
     if seg.shape != (image.height, image.width):
         raise ValueError(f"segment map {seg.shape} does not match image {image.height}x{image.width}")

@@ -8,14 +8,15 @@ assets or re-executions in one process never load the same weights twice.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from fc_pipeline.instance import GPU_POOL  # noqa: F401  (the pool of every step that needs the accelerator)
-from fc_pipeline.models import ModelProfile, get_profile
+from fc_pipeline.profiles import ModelProfile, get_profile
+
+from .instance import GPU_POOL  # noqa: F401  (the pool of every step that needs the accelerator)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_once(factory: type, profile: ModelProfile, **settings: Any) -> Any:
     return factory(profile, **settings)
 
@@ -187,7 +188,9 @@ class EvaluatorResource(dg.ConfigurableResource):
         """MTCNN + FaceNet, built on first use and shared by the whole process."""
         from fc_pipeline.evaluation.faces import FaceScorer
 
-        return _load_once(FaceScorer, get_profile(self.profile, facenet=self.facenet or None), device=resolve_device(self.device))
+        return _load_once(
+            FaceScorer, get_profile(self.profile, facenet=self.facenet or None), device=resolve_device(self.device)
+        )
 
     def prompt_scorer(self):
         """The CLIP image–text scorer, built on first use and shared by the whole process."""
@@ -208,4 +211,3 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "evaluator": EvaluatorResource(profile=profile),
         "pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(REPO_ROOT)),  # launches training
     }
-

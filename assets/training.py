@@ -2,9 +2,9 @@
 
 ``fastcomposer_checkpoint`` depends on all partitions of ``training_shards``. It trains only on
 corpora whose blocking shard checks passed on their latest shards (a corpus with a failed check
-stops the run with the list of problems), writes the run's :class:`fc_pipeline.train.TrainConfig`
-as JSON and launches ``python -m fc_pipeline.train`` (``accelerate launch`` for several processes
-or machines, :func:`fc_pipeline.launch.training_command`) through Dagster Pipes: the child streams
+stops the run with the list of problems), writes the run's :class:`fc_pipeline.training.train.TrainConfig`
+as JSON and launches ``python -m fc_pipeline.training.train`` (``accelerate launch`` for several processes
+or machines, :func:`fc_pipeline.training.launch.training_command`) through Dagster Pipes: the child streams
 its log lines and reports steps, final losses and the checkpoint path; this side adds the loss
 curve and the data versions of the shards it trained on.
 
@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field
 
-from fc_pipeline.launch import training_command
 from fc_pipeline.storage import write_json
-from fc_pipeline.train import OOM_EXIT_CODE
+from fc_pipeline.training.launch import training_command
+from fc_pipeline.training.train import OOM_EXIT_CODE
 
 from .checks import failed_shard_checks
 from .dataset import SHARDS, shards_version, training_shards
@@ -41,19 +41,38 @@ from .resources import GPU_POOL, DatasetStore
 DATA_VERSION_TAG = "dagster/data_version"
 OOM_RETRIES = 2
 # settings that do not change what a step computes: a run that differs only in these resumes
-RUN_INDEPENDENT = ("output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "resume", "progress",
-                   "train_batch_size", "gradient_accumulation_steps")
+RUN_INDEPENDENT = (
+    "output_dir",
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "resume",
+    "progress",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+)
 
 
 class TrainingConfig(dg.Config):
     """Hyper-parameters of the run. Defaults: the CPU demo (``TrainConfig.tiny``); paper values in
     each description (8 GPUs × batch 16, 150k steps)."""
 
-    corpora: list[str] = Field(default=[], description="Corpora (partitions) to train on; empty: every registered corpus with shards.")
-    shards: list[str] = Field(default=[], description="Dataset dirs/URLs with train/*.tar to use instead of the corpora's shards.")
-    require_passing_checks: bool = Field(default=True, description="Refuse corpora whose blocking shard checks did not pass.")
-    profile: str = Field(default="tiny", description="Model profile: tiny (random, offline) or paper (SD 1.5 + CLIP-L/14).")
-    pretrained: str = Field(default="", description="Start from this FastComposer checkpoint; empty: the profile's weights.")
+    corpora: list[str] = Field(
+        default=[], description="Corpora (partitions) to train on; empty: every registered corpus with shards."
+    )
+    shards: list[str] = Field(
+        default=[], description="Dataset dirs/URLs with train/*.tar to use instead of the corpora's shards."
+    )
+    require_passing_checks: bool = Field(
+        default=True, description="Refuse corpora whose blocking shard checks did not pass."
+    )
+    profile: str = Field(
+        default="tiny", description="Model profile: tiny (random, offline) or paper (SD 1.5 + CLIP-L/14)."
+    )
+    pretrained: str = Field(
+        default="", description="Start from this FastComposer checkpoint; empty: the profile's weights."
+    )
     resolution: int = Field(default=64, description="Training image size in px; 0: the profile's (paper 512).")
     train_batch_size: int = Field(default=4, description="Per-process batch (paper 16 per GPU).")
     gradient_accumulation_steps: int = Field(default=1, description="Micro-batches per optimiser step (paper 1).")
@@ -62,8 +81,12 @@ class TrainingConfig(dg.Config):
     weight_decay: float = Field(default=0.01, description="AdamW weight decay (paper 0.01).")
     max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm (paper 1.0).")
     localization_weight: float = Field(default=1e-3, description="λ of L_loc (paper 0.001); 0 turns L_loc off.")
-    mask_loss_prob: float = Field(default=0.5, description="Share of samples whose L_noise is masked to the subjects (paper 0.5).")
-    localization_layers: list[str] = Field(default=[], description="UNet attn2 module prefixes for L_loc; empty: the profile's.")
+    mask_loss_prob: float = Field(
+        default=0.5, description="Share of samples whose L_noise is masked to the subjects (paper 0.5)."
+    )
+    localization_layers: list[str] = Field(
+        default=[], description="UNet attn2 module prefixes for L_loc; empty: the profile's."
+    )
     image_encoder_trainable_blocks: int = Field(default=2, description="Last CLIP vision blocks trained (paper 2).")
     max_subjects: int = Field(default=4, description="Subjects per image at most (paper 4).")
     unconditional_prob: float = Field(default=0.1, description="Share of samples with an empty caption (paper 0.1).")
@@ -76,16 +99,32 @@ class TrainingConfig(dg.Config):
     seed: int = Field(default=42, description="Seed of the model's noise and of the data stream.")
     num_workers: int = Field(default=0, description="DataLoader worker processes.")
     resume: bool = Field(default=True, description="Resume the run's newest checkpoint, if any.")
-    num_processes: int = Field(default=0, description="Training processes per machine; 0: one per visible GPU, else 1 (paper 8).")
-    num_machines: int = Field(default=1, description="Machines of a multi-node run (this step is rank 0; see docs/deploy-k8s.md).")
+    num_processes: int = Field(
+        default=0, description="Training processes per machine; 0: one per visible GPU, else 1 (paper 8)."
+    )
+    num_machines: int = Field(
+        default=1, description="Machines of a multi-node run (this step is rank 0; see docs/deploy-k8s.md)."
+    )
     main_process_ip: str = Field(
-        default="", description="Address of rank 0 for a multi-node run; empty: on Kubernetes, machines 1..N-1 are started from this step's pod."
+        default="",
+        description=(
+            "Address of rank 0 for a multi-node run; empty: on Kubernetes, machines 1..N-1 are started "
+            "from this step's pod."
+        ),
     )
     main_process_port: int = Field(default=29500, description="Rendezvous port of a multi-node run.")
 
 
 # asset-only fields: which data, how many processes; the rest is the library's TrainConfig
-ASSET_ONLY = ("corpora", "shards", "require_passing_checks", "num_processes", "num_machines", "main_process_ip", "main_process_port")
+ASSET_ONLY = (
+    "corpora",
+    "shards",
+    "require_passing_checks",
+    "num_processes",
+    "num_machines",
+    "main_process_ip",
+    "main_process_port",
+)
 
 
 def training_corpora(context: dg.AssetExecutionContext, config: TrainingConfig, store: DatasetStore) -> list[str]:
@@ -102,7 +141,10 @@ def training_corpora(context: dg.AssetExecutionContext, config: TrainingConfig, 
     if failing:
         raise dg.Failure(
             "blocking checks have not passed on the latest shards of: "
-            + "; ".join(f"{corpus} ({', '.join(f'{name} {why}' for name, why in checks.items())})" for corpus, checks in failing.items())
+            + "; ".join(
+                f"{corpus} ({', '.join(f'{name} {why}' for name, why in checks.items())})"
+                for corpus, checks in failing.items()
+            )
             + ". Fix the data and re-materialise those partitions, or leave them out with config `corpora`.",
             metadata={"failing_checks": dg.MetadataValue.json(failing)},
         )
@@ -116,10 +158,12 @@ def shards_data_version(context: dg.AssetExecutionContext, corpus: str, shards_d
     return recorded or shards_version(shards_dir)
 
 
-def train_config(config: TrainingConfig, shards: list[str], runs_dir: Path, data_versions: dict[str, str], retry: int = 0):
+def train_config(
+    config: TrainingConfig, shards: list[str], runs_dir: Path, data_versions: dict[str, str], retry: int = 0
+):
     """The library's ``TrainConfig`` of the asset config, in the run's own directory; retry ``k``
     after an out-of-memory exit uses a 2^k times smaller batch with 2^k times the accumulation."""
-    from fc_pipeline.train import TrainConfig
+    from fc_pipeline.training.train import TrainConfig
 
     options = config.model_dump(exclude=set(ASSET_ONLY))
     split = min(2**retry, options["train_batch_size"])
@@ -184,7 +228,9 @@ def fastcomposer_checkpoint(
     else:
         datasets = {corpus: store.path(corpus, SHARDS) for corpus in training_corpora(context, config, store)}
         versions = {corpus: shards_data_version(context, corpus, path) for corpus, path in datasets.items()}
-    run = train_config(config, [str(path) for path in datasets.values()], store.checkpoints_dir, versions, context.retry_number)
+    run = train_config(
+        config, [str(path) for path in datasets.values()], store.checkpoints_dir, versions, context.retry_number
+    )
     run_dir = Path(run.output_dir)
     config_path = run_dir / "train_config.json"
     write_json(dataclasses.asdict(run), config_path)

@@ -34,8 +34,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fc_pipeline.images import load_image
 from fc_pipeline.model.components import load_components
-from fc_pipeline.models import get_profile
 from fc_pipeline.pipeline import FastComposerPipeline
+from fc_pipeline.profiles import get_profile
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "faces" / "subjects"
 DEFAULT_SUBJECTS = [FACES / "paul_rudd" / "1.jpg", FACES / "kate_siegel" / "1.jpg"]
@@ -102,7 +102,10 @@ def dreambooth_finetune(components: dict, photo, steps: int, resolution: int, de
     pixels = np.asarray(photo.resize((resolution, resolution)), dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, vae.dtype)
     input_ids = components["tokenizer"](
-        DREAMBOOTH_PROMPT, padding="max_length", max_length=components["tokenizer"].model_max_length, return_tensors="pt"
+        DREAMBOOTH_PROMPT,
+        padding="max_length",
+        max_length=components["tokenizer"].model_max_length,
+        return_tensors="pt",
     ).input_ids.to(device)
     synchronize(device)
     start = time.perf_counter()
@@ -179,7 +182,8 @@ def main() -> None:
     dreambooth_time = finetune_time + seconds(lambda: run_stable_diffusion(stable_diffusion_pipeline(tuned)))
 
     print(
-        f"inference [{args.checkpoint or profile.name}, {args.device} {args.dtype}, {resolution}px, {args.steps} steps, "
+        f"inference [{args.checkpoint or profile.name}, {args.device} {args.dtype}, {resolution}px, "
+        f"{args.steps} steps, "
         f"2 subjects, alpha={args.alpha}, median of {args.repeats}]: "
         f"time/image {fc_time / sd_time:.3f}x SD ({fc_time:.2f} s vs {sd_time:.2f} s); "
         f"peak memory {fc_memory / sd_memory:.3f}x SD ({fc_memory / 2**20:.1f} MiB vs {sd_memory / 2**20:.1f} MiB); "

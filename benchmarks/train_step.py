@@ -6,7 +6,7 @@ VAE / text encoder / UNet weights, same device and precision:
 * FastComposer: CLIP image encoder (last blocks trained) + fuser -> subject-augmented text,
   cross-attention capture on the localisation layers, ``L_noise`` (masked for half of the
   samples) + λ·``L_loc``; AdamW over UNet + fuser + trained vision blocks
-  (:func:`fc_pipeline.model.objective.compute_losses`, as ``fc_pipeline.train`` runs it);
+  (:func:`fc_pipeline.model.objective.compute_losses`, as ``fc_pipeline.training.train`` runs it);
 * plain SD fine-tuning: text embeddings only, epsilon MSE; AdamW over the UNet.
 
 The two steps alternate (after a warm-up each), and the medians are compared.
@@ -32,14 +32,17 @@ import torch
 from inference import PeakTensorMemory, parameter_bytes, synchronize  # benchmarks/inference.py
 from PIL import Image
 
-from fc_pipeline.data.training_samples import SamplingConfig, collate_samples, prepare_sample
 from fc_pipeline.model.attention import install_attention_capture
 from fc_pipeline.model.components import load_components, set_trainable
 from fc_pipeline.model.objective import compute_losses
-from fc_pipeline.models import get_profile
+from fc_pipeline.profiles import get_profile
+from fc_pipeline.training.samples import SamplingConfig, collate_samples, prepare_sample
 
 CAPTION = "a man and a woman in a park"
-SUBJECTS = [{"phrase": "a man", "start": 0, "end": 5, "segment_id": 1}, {"phrase": "a woman", "start": 10, "end": 17, "segment_id": 2}]
+SUBJECTS = [
+    {"phrase": "a man", "start": 0, "end": 5, "segment_id": 1},
+    {"phrase": "a woman", "start": 10, "end": 17, "segment_id": 2},
+]
 
 
 def synthetic_batch(tokenizer, resolution: int, batch_size: int, seed: int = 0) -> dict:
@@ -53,7 +56,11 @@ def synthetic_batch(tokenizer, resolution: int, batch_size: int, seed: int = 0) 
         seg = np.zeros((size, size), np.uint16)
         seg[size // 8 :, size // 8 : size // 2 - 2] = 1
         seg[size // 6 :, size // 2 + 2 : size - size // 8] = 2
-        meta = {"caption": CAPTION, "subjects": SUBJECTS, "segments": [{"id": 1, "label": "person"}, {"id": 2, "label": "person"}]}
+        meta = {
+            "caption": CAPTION,
+            "subjects": SUBJECTS,
+            "segments": [{"id": 1, "label": "person"}, {"id": 2, "label": "person"}],
+        }
         sample = {"id": str(number), "image": Image.fromarray(image), "meta": meta, "seg": seg}
         samples.append(prepare_sample(sample, tokenizer, config, rng))
     return collate_samples(samples)
@@ -83,11 +90,13 @@ class Step:
 
     def __call__(self, batch: dict) -> None:
         losses = compute_losses(
-            self.models, batch, self.capture,
+            self.models,
+            batch,
+            self.capture,
             localization_weight=self.localization_weight if self.fastcomposer else 0.0,
             mask_loss_prob=0.5 if self.fastcomposer else 0.0,
             use_subjects=self.fastcomposer,
-        )  # fmt: skip
+        )
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
@@ -95,7 +104,12 @@ class Step:
 
     def resident_bytes(self) -> int:
         """Parameters of the modules the step runs + the optimiser's moment buffers."""
-        moments = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        moments = sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
         return parameter_bytes(*self.modules) + moments
 
 
@@ -147,7 +161,8 @@ def main() -> None:
     fc_time, sd_time = statistics.median(times["fc"]), statistics.median(times["sd"])
     fc_memory, sd_memory = peak_bytes(fastcomposer, batch, args.device), peak_bytes(plain, batch, args.device)
     print(
-        f"train step [{profile.name}, {args.device} ({args.threads} CPU thread(s)), {args.resolution}px, batch {args.batch_size}, 2 subjects/image, "
+        f"train step [{profile.name}, {args.device} ({args.threads} CPU thread(s)), {args.resolution}px, "
+        f"batch {args.batch_size}, 2 subjects/image, "
         f"λ={args.localization_weight}, median of {args.repeats}]: "
         f"time {fc_time / sd_time:.3f}x plain SD fine-tuning ({fc_time * 1000:.0f} ms vs {sd_time * 1000:.0f} ms); "
         f"peak memory {fc_memory / sd_memory:.3f}x ({fc_memory / 2**20:.1f} MiB vs {sd_memory / 2**20:.1f} MiB)"

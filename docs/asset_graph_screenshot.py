@@ -21,10 +21,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, NoReturn
+from typing import IO, NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -157,7 +158,9 @@ def find_chromium() -> str:
     for name in CHROMIUM_NAMES:
         if path := shutil.which(name):
             return path
-    raise SystemExit("no Chromium found (looked for " + ", ".join(CHROMIUM_NAMES) + "): on Debian `apt-get install chromium`")
+    raise SystemExit(
+        "no Chromium found (looked for " + ", ".join(CHROMIUM_NAMES) + "): on Debian `apt-get install chromium`"
+    )
 
 
 def screenshot(chromium: str, url: str, out: Path, window: tuple[int, int] = WINDOW) -> None:
@@ -166,10 +169,21 @@ def screenshot(chromium: str, url: str, out: Path, window: tuple[int, int] = WIN
     out.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as profile:
         command = [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}",
-            "--hide-scrollbars", "--virtual-time-budget=20000", f"--screenshot={out}", url,
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--window-size={window[0]},{window[1]}",
+            "--hide-scrollbars",
+            "--virtual-time-budget=20000",
+            f"--screenshot={out}",
+            url,
         ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     if not out.is_file() or out.stat().st_size == 0:
@@ -178,10 +192,18 @@ def screenshot(chromium: str, url: str, out: Path, window: tuple[int, int] = WIN
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dagster-home", type=Path, default=REPO_ROOT / ".dagster_home",
-                        help="the Dagster instance to show (default: <repo>/.dagster_home, where `make demo` runs)")
+    parser.add_argument(
+        "--dagster-home",
+        type=Path,
+        default=REPO_ROOT / ".dagster_home",
+        help="the Dagster instance to show (default: <repo>/.dagster_home, where `make demo` runs)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "asset-graph.png")
-    parser.add_argument("--chromium", default=None, help="Chromium binary (default: the first of %s on PATH)" % ", ".join(CHROMIUM_NAMES))
+    parser.add_argument(
+        "--chromium",
+        default=None,
+        help="Chromium binary (default: the first of {} on PATH)".format(", ".join(CHROMIUM_NAMES)),
+    )
     args = parser.parse_args(argv)
     home = args.dagster_home.resolve()
     if not (home / "dagster.yaml").is_file():

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -31,7 +32,7 @@ from fc_pipeline.model.components import COMPONENT_NAMES
 from fc_pipeline.model.conditioning import augment_text_embeddings, encode_subject_images
 from fc_pipeline.model.fuser import SubjectFuser
 from fc_pipeline.model.prompts import parse_subject_prompt
-from fc_pipeline.models import SUBJECT_MARKER
+from fc_pipeline.profiles import SUBJECT_MARKER
 
 SubjectImage = PIL.Image.Image | str | Path | bytes
 DEFAULT_MAX_SUBJECTS = 4
@@ -91,7 +92,9 @@ def mean_layer_attention(maps: dict[str, torch.Tensor], batch_size: int, size: S
         if h * w != probs.shape[1]:
             raise ValueError(f"cannot place {probs.shape[1]} attention positions on a {height}x{width} latent grid")
         grid = probs.transpose(1, 2).reshape(batch_size, -1, h, w)
-        resized.append(torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False))
+        resized.append(
+            torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+        )
     return torch.stack(resized).mean(0)
 
 
@@ -135,7 +138,7 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
-    def from_components(cls, components: dict[str, Any], **config: Any) -> "FastComposerPipeline":
+    def from_components(cls, components: dict[str, Any], **config: Any) -> FastComposerPipeline:
         """Build the pipeline from ``fc_pipeline.model.components.load_components(...)`` output."""
         missing = [name for name in COMPONENT_NAMES if name not in components]
         if missing:
@@ -174,7 +177,9 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
             )
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}"
+            )
         if return_attention_maps and subject_images is None:
             raise ValueError("`return_attention_maps` needs `subject_images`: the maps are those of the subject tokens")
         if subject_images is None:
@@ -298,7 +303,12 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
     # ------------------------------------------------------------------ sampling helpers
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
         """Initial noise, scaled by the scheduler's ``init_noise_sigma`` (as in Stable Diffusion)."""
-        shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            num_channels_latents,
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"{len(generator)} generators were passed for an effective batch size of {batch_size}; "
@@ -339,7 +349,7 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
         latents: torch.Tensor | None = None,
-        callback_on_step_end: Callable[["FastComposerPipeline", int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end: Callable[[FastComposerPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
     ) -> FastComposerPipelineOutput | tuple:
@@ -377,7 +387,9 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         # 3. Encode the prompt: the text-only embedding c and, with subjects, the augmented c'
         input_ids, subject_token_index = self.tokenize_prompt(prompts, subject_lists)
-        text_embeds, negative_embeds = self.encode_prompt(input_ids, device, do_classifier_free_guidance, negative_prompt)
+        text_embeds, negative_embeds = self.encode_prompt(
+            input_ids, device, do_classifier_free_guidance, negative_prompt
+        )
         subject_embeds = None
         if subject_lists is not None:
             subject_embeds = self.encode_subjects(subject_lists, subject_token_index, text_embeds)
@@ -394,7 +406,9 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         # 4. Prepare timesteps and the step at which subject conditioning starts
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        subject_start = subject_conditioning_start(len(timesteps), alpha) if subject_embeds is not None else len(timesteps)
+        subject_start = (
+            subject_conditioning_start(len(timesteps), alpha) if subject_embeds is not None else len(timesteps)
+        )
 
         # 5. Prepare latent variables
         latents = self.prepare_latents(
@@ -429,16 +443,22 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
 
                     latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
                     latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                    noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                    noise_pred = self.unet(
+                        latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False
+                    )[0]
 
                     if do_classifier_free_guidance:
                         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                         noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
                         if guidance_rescale > 0.0:
-                            noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
+                            noise_pred = rescale_noise_cfg(
+                                noise_pred, noise_pred_text, guidance_rescale=guidance_rescale
+                            )
 
                     if capture is not None:
-                        attention_sum = attention_sum + mean_layer_attention(capture.maps, latents.shape[0], latents.shape[-2:])
+                        attention_sum = attention_sum + mean_layer_attention(
+                            capture.maps, latents.shape[0], latents.shape[-2:]
+                        )
                         capture.clear()
 
                     latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -459,7 +479,9 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
             image = latents
         else:
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+            image = self.image_processor.postprocess(
+                image, output_type=output_type, do_denormalize=[True] * image.shape[0]
+            )
         self.maybe_free_model_hooks()
 
         attention_maps = None

@@ -22,7 +22,7 @@ from fc_pipeline.data.matching import SubjectMatcher, match_corpus
 from fc_pipeline.data.phrases import phrase_corpus
 from fc_pipeline.data.segmentation import Segmenter, segment_corpus
 from fc_pipeline.data.shards import write_shards
-from fc_pipeline.models import ModelProfile, get_profile
+from fc_pipeline.profiles import ModelProfile, get_profile
 from fc_pipeline.storage import read_parquet, write_json, write_parquet
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from fc_pipeline.data import batches, from_pretrained, resolve_model, torch_dtype
 from fc_pipeline.images import ImageError, load_image
-from fc_pipeline.models import ModelProfile, clip_tokenizer, get_profile
+from fc_pipeline.profiles import ModelProfile, clip_tokenizer, get_profile
 
 logger = logging.getLogger(__name__)
 

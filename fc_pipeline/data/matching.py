@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fc_pipeline.data import from_pretrained, resolve_model, torch_dtype
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import ImageError, load_image
-from fc_pipeline.models import ModelProfile, get_profile, sbert_path
+from fc_pipeline.profiles import ModelProfile, get_profile, sbert_path
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fc_pipeline.data import batches, from_pretrained, resolve_model, torch_dtype
 from fc_pipeline.images import ImageError, load_image
-from fc_pipeline.models import ModelProfile, get_profile
+from fc_pipeline.profiles import ModelProfile, get_profile
 from fc_pipeline.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def load_annotation(annotation: str | Path, size: tuple[int, int]) -> tuple[np.n
         for segment in segments:
             segment["id"], segment["label"], segment["category_id"] = (
                 int(segment["id"]), str(segment["label"]), int(segment["category_id"])
-            )  # fmt: skip
+            )
             segment["isthing"] = bool(segment.get("isthing", segment["label"] in COCO_THING_LABELS))
     except (KeyError, TypeError, ValueError) as exc:
         raise AnnotationError(f"{path}: malformed segment ({exc!r})") from None

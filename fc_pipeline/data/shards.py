@@ -133,7 +133,7 @@ def write_shards(
         logger.warning(
             "%d sample(s) in the shards of %s no longer match the corpus (e.g. an edited caption) and keep "
             "their old metadata; write the shards with rebuild=True to refresh them", stale, out_dir,
-        )  # fmt: skip
+        )
 
     new_ids = sorted(i for i in records if i not in sharded and i not in shard_failures)
     existing = {split: sum(len(index.ids) for index in split_shards.values()) for split, split_shards in shards.items()}

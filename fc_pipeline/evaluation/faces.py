@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fc_pipeline.models import ModelProfile, get_profile
+from fc_pipeline.profiles import ModelProfile, get_profile
 
 FACE_SIZE = 160
 FACE_MARGIN = 14
@@ -145,7 +145,9 @@ class TorchFaceNetEmbedder(FaceEmbedder):
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("logits.")]
         if missing or unexpected:
-            raise ValueError(f"{path} is not an InceptionResnetV1 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path} is not an InceptionResnetV1 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.model.eval().to(self.device)
 
     @torch.no_grad()
@@ -270,8 +272,13 @@ def match_subjects(similarity: np.ndarray, method: str = "greedy") -> MultiIdent
 class FaceScorer:
     """Detector + embedder, loaded once; scores identity preservation of generated images."""
 
-    def __init__(self, profile: ModelProfile | str = "tiny", device: str | torch.device = "cpu",
-                 detector: FaceDetector | None = None, embedder: FaceEmbedder | None = None):
+    def __init__(
+        self,
+        profile: ModelProfile | str = "tiny",
+        device: str | torch.device = "cpu",
+        detector: FaceDetector | None = None,
+        embedder: FaceEmbedder | None = None,
+    ):
         self.detector = detector or FaceDetector(device=device)
         self.embedder = embedder or face_embedder(profile, device=device)
 
@@ -287,8 +294,12 @@ class FaceScorer:
             return 0.0
         return float(cosine_matrix(ref.largest[None], gen.largest[None])[0, 0])
 
-    def multi_identity(self, references: list[Image.Image | DetectedFaces], generated: Image.Image | DetectedFaces,
-                       method: str = "greedy") -> MultiIdentityResult:
+    def multi_identity(
+        self,
+        references: list[Image.Image | DetectedFaces],
+        generated: Image.Image | DetectedFaces,
+        method: str = "greedy",
+    ) -> MultiIdentityResult:
         """Match each reference's largest face to one face of ``generated``; see :class:`MultiIdentityResult`."""
         refs = [r if isinstance(r, DetectedFaces) else self.faces(r) for r in references]
         gen = generated if isinstance(generated, DetectedFaces) else self.faces(generated)
@@ -310,7 +321,8 @@ def identity_score(reference: Image.Image, generated: Image.Image, scorer: FaceS
     return (scorer or default_face_scorer()).identity_score(reference, generated)
 
 
-def multi_identity_score(references: list[Image.Image], generated: Image.Image, method: str = "greedy",
-                         scorer: FaceScorer | None = None) -> float:
+def multi_identity_score(
+    references: list[Image.Image], generated: Image.Image, method: str = "greedy", scorer: FaceScorer | None = None
+) -> float:
     """Multi-subject identity: one-to-one matching, minimum over subjects (unmatched subject = 0)."""
     return (scorer or default_face_scorer()).multi_identity(references, generated, method).score

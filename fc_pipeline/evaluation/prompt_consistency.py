@@ -9,15 +9,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fc_pipeline.models import SUBJECT_MARKER, ModelProfile, clip_tokenizer, get_profile
+from fc_pipeline.profiles import SUBJECT_MARKER, ModelProfile, clip_tokenizer, get_profile
 
 # Tiny stand-in for ViT-L/14: same architecture family, random weights from the profile seed.
 TINY_PROMPT_CLIP = dict(
-    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
-                     pad_token_id=49407),
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=224, patch_size=32),
+    text_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
+    ),
     projection_dim=32,
 )
 
@@ -40,8 +49,10 @@ class PromptConsistency:
             self.model = CLIPModel(CLIPConfig(**TINY_PROMPT_CLIP))
             self.tokenizer = clip_tokenizer(self.profile)
             self.image_processor = CLIPImageProcessor(
-                size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+                size={"shortest_edge": 224},
+                crop_size={"height": 224, "width": 224},
+                image_mean=[0.48145466, 0.4578275, 0.40821073],
+                image_std=[0.26862954, 0.26130258, 0.27577711],
             )
         else:
             self.model = CLIPModel.from_pretrained(self.profile.prompt_clip)
@@ -56,12 +67,18 @@ class PromptConsistency:
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
         if not images:
             return np.zeros((0,), np.float32)
-        text = self.tokenizer([strip_markers(p) for p in prompts], padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        text = self.tokenizer(
+            [strip_markers(p) for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        )
         pixels = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         image_embeds = self.model.get_image_features(pixel_values=pixels.to(self.device))
-        text_embeds = self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
-                                                   attention_mask=text["attention_mask"].to(self.device))
+        text_embeds = self.model.get_text_features(
+            input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
+        )
         image_embeds, text_embeds = (_features(x) for x in (image_embeds, text_embeds))
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
         return (100.0 * cosine).float().cpu().numpy()
@@ -78,6 +95,8 @@ def default_prompt_scorer(profile: str = "tiny", device: str = "cpu") -> PromptC
     return PromptConsistency(profile, device)
 
 
-def prompt_consistency(images: list[Image.Image], prompts: list[str], scorer: PromptConsistency | None = None) -> np.ndarray:
+def prompt_consistency(
+    images: list[Image.Image], prompts: list[str], scorer: PromptConsistency | None = None
+) -> np.ndarray:
     """CLIP score (cosine × 100) per image–prompt pair; see :class:`PromptConsistency`."""
     return (scorer or default_prompt_scorer()).score(images, prompts)

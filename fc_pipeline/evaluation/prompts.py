@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from fc_pipeline.evaluation.subjects import Subject
-from fc_pipeline.models import SUBJECT_MARKER
+from fc_pipeline.profiles import SUBJECT_MARKER
 
 PROMPT_SET_DIR = Path(__file__).parent / "prompt_sets"
 BUNDLED_PROMPT_SETS = {"single": PROMPT_SET_DIR / "single_subject.json", "multi": PROMPT_SET_DIR / "multi_subject.json"}
@@ -56,11 +56,13 @@ def load_prompt_set(name_or_path: str | Path) -> list[PromptTemplate]:
     """A bundled set (``single``/``multi``) or a JSON file of the same shape; validates every template."""
     path = BUNDLED_PROMPT_SETS.get(str(name_or_path), Path(name_or_path))
     if not path.is_file():
-        raise ValueError(f"prompt set {name_or_path!r} not found; use one of {sorted(BUNDLED_PROMPT_SETS)} or a JSON file")
+        raise ValueError(
+            f"prompt set {name_or_path!r} not found; use one of {sorted(BUNDLED_PROMPT_SETS)} or a JSON file"
+        )
     try:
         categories = json.loads(path.read_text())["prompts"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: expected {{\"prompts\": {{category: [template, ...]}}}} ({exc})") from None
+        raise ValueError(f'{path}: expected {{"prompts": {{category: [template, ...]}}}} ({exc})') from None
     templates = [PromptTemplate(t, category) for category, items in categories.items() for t in items]
     for t in templates:
         if t.num_subjects == 0 or t.template.count(CLASS_PLACEHOLDER) != t.num_subjects:
@@ -72,8 +74,12 @@ def load_prompt_set(name_or_path: str | Path) -> list[PromptTemplate]:
     return templates
 
 
-def benchmark_cases(subjects: Sequence[Subject], templates: Sequence[PromptTemplate],
-                    max_prompts: int | None = None, max_subject_groups: int | None = None) -> list[BenchmarkCase]:
+def benchmark_cases(
+    subjects: Sequence[Subject],
+    templates: Sequence[PromptTemplate],
+    max_prompts: int | None = None,
+    max_subject_groups: int | None = None,
+) -> list[BenchmarkCase]:
     """Every (capped) prompt × every group of distinct subjects (all pairs for two-subject prompts)."""
     n = templates[0].num_subjects
     groups = list(itertools.combinations(subjects, n))
@@ -84,6 +90,9 @@ def benchmark_cases(subjects: Sequence[Subject], templates: Sequence[PromptTempl
     for p, template in enumerate(templates[:max_prompts]):
         for group in groups:
             case_id = f"p{p:02d}-" + "+".join(s.name for s in group)
-            cases.append(BenchmarkCase(case_id, template.category, template.template,
-                                       template.fill([s.class_word for s in group]), group))
+            cases.append(
+                BenchmarkCase(
+                    case_id, template.category, template.template, template.fill([s.class_word for s in group]), group
+                )
+            )
     return cases

@@ -12,8 +12,9 @@ import html
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,14 +22,26 @@ from fc_pipeline.storage import atomic_write
 
 SUMMARY_KEYS = ("checkpoint", "setting", "method", "alpha")
 SUMMARY_COLUMNS = SUMMARY_KEYS + (
-    "images", "identity_pct", "identity_hungarian_pct", "prompt_consistency", "face_found_pct",
-    "margin", "blended_pct", "seconds_per_image", "peak_memory_mb",
+    "images",
+    "identity_pct",
+    "identity_hungarian_pct",
+    "prompt_consistency",
+    "face_found_pct",
+    "margin",
+    "blended_pct",
+    "seconds_per_image",
+    "peak_memory_mb",
 )
 COMPARED_METRICS = ("identity_pct", "prompt_consistency", "margin")
 PAPER_REFERENCE = [
     {"setting": "single", "method": "FastComposer (paper)", "identity_pct": 51.41, "prompt_consistency": 24.30},
     {"setting": "multi", "method": "FastComposer (paper)", "identity_pct": 43.11, "prompt_consistency": 24.25},
-    {"setting": "multi", "method": "FastComposer w/o L_loc (paper)", "identity_pct": 37.66, "prompt_consistency": 25.03},
+    {
+        "setting": "multi",
+        "method": "FastComposer w/o L_loc (paper)",
+        "identity_pct": 37.66,
+        "prompt_consistency": 25.03,
+    },
 ]
 
 
@@ -45,18 +58,20 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for key, items in groups.items():
         margins = [r["margin"] for r in items if r["margin"] is not None]
-        summary.append({
-            **dict(zip(SUMMARY_KEYS, key)),
-            "images": len(items),
-            "identity_pct": _mean([r["identity"] for r in items], 100),
-            "identity_hungarian_pct": _mean([r["identity_hungarian"] for r in items], 100),
-            "prompt_consistency": _mean([r["prompt_consistency"] for r in items]),
-            "face_found_pct": _mean([float(r["n_faces"] > 0) for r in items], 100),
-            "margin": _mean(margins),
-            "blended_pct": _mean([float(m < 0) for m in margins], 100),
-            "seconds_per_image": _mean([r["seconds_per_image"] for r in items]),
-            "peak_memory_mb": round(max(r["peak_memory_mb"] for r in items), 1),
-        })
+        summary.append(
+            {
+                **dict(zip(SUMMARY_KEYS, key)),
+                "images": len(items),
+                "identity_pct": _mean([r["identity"] for r in items], 100),
+                "identity_hungarian_pct": _mean([r["identity_hungarian"] for r in items], 100),
+                "prompt_consistency": _mean([r["prompt_consistency"] for r in items]),
+                "face_found_pct": _mean([float(r["n_faces"] > 0) for r in items], 100),
+                "margin": _mean(margins),
+                "blended_pct": _mean([float(m < 0) for m in margins], 100),
+                "seconds_per_image": _mean([r["seconds_per_image"] for r in items]),
+                "peak_memory_mb": round(max(r["peak_memory_mb"] for r in items), 1),
+            }
+        )
     return sorted(summary, key=lambda r: (r["checkpoint"], r["setting"], r["alpha"]))
 
 
@@ -102,18 +117,22 @@ def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
         return "<p><em>no rows</em></p>"
     columns = list(columns or rows[0].keys())
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_format(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_format(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
     """Rows of the first markdown table in ``text`` (cells as strings), e.g. to check a report."""
     lines = [ln.strip() for ln in text.splitlines()]
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|--"))
+    start = next(
+        i for i, ln in enumerate(lines) if ln.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|--")
+    )
     split = lambda ln: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln.strip("|"))]  # noqa: E731
     header = split(lines[start])
     rows = []
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln.startswith("|"):
             break
         rows.append(dict(zip(header, split(ln))))
@@ -162,7 +181,9 @@ def plot_grid(samples: Sequence[dict[str, Any]], path: str | Path, tile: int = 2
     """Rows of ``{"title", "references": [(name, PIL)], "generated": [(label, PIL)]}``: reference | generated."""
     plt = _pyplot()
     columns = max(len(s["references"]) + len(s["generated"]) for s in samples)
-    fig, axes = plt.subplots(len(samples), columns, figsize=(tile * columns, (tile + 0.5) * len(samples)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(samples), columns, figsize=(tile * columns, (tile + 0.5) * len(samples)), squeeze=False
+    )
     fig.subplots_adjust(hspace=0.5)
     for ax in axes.flat:
         ax.axis("off")
@@ -196,8 +217,9 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def write_report(out_dir: str | Path, summary: Sequence[dict[str, Any]], figures: dict[str, list[Path]],
-                 settings: dict[str, Any]) -> dict[str, Path]:
+def write_report(
+    out_dir: str | Path, summary: Sequence[dict[str, Any]], figures: dict[str, list[Path]], settings: dict[str, Any]
+) -> dict[str, Path]:
     """``report.md`` (figures by relative path) and a self-contained ``report.html`` (figures inlined)."""
     out = Path(out_dir)
     compared = comparison(summary)
@@ -205,12 +227,17 @@ def write_report(out_dir: str | Path, summary: Sequence[dict[str, Any]], figures
     if compared:
         sections.append(("Checkpoint comparison", compared, None))
     sections.append(("Paper reference (SD1.5, FFHQ-wild, 8×A6000)", PAPER_REFERENCE, None))
-    md = ["# FastComposer evaluation\n", "Identity: FaceNet cosine of matched faces (clamped at 0, no face = 0), "
-          "minimum over subjects for multi-subject images; margin = own − best other reference "
-          "(negative = blended identities). Prompt consistency: CLIP image–text cosine × 100.\n",
-          markdown_table([{"setting": k, "value": v} for k, v in settings.items()])]
-    body = [f"<h1>FastComposer evaluation</h1><p>{html.escape(md[1])}</p>",
-            html_table([{"setting": k, "value": v} for k, v in settings.items()])]
+    md = [
+        "# FastComposer evaluation\n",
+        "Identity: FaceNet cosine of matched faces (clamped at 0, no face = 0), "
+        "minimum over subjects for multi-subject images; margin = own − best other reference "
+        "(negative = blended identities). Prompt consistency: CLIP image–text cosine × 100.\n",
+        markdown_table([{"setting": k, "value": v} for k, v in settings.items()]),
+    ]
+    body = [
+        f"<h1>FastComposer evaluation</h1><p>{html.escape(md[1])}</p>",
+        html_table([{"setting": k, "value": v} for k, v in settings.items()]),
+    ]
     for title, rows, columns in sections:
         md += [f"\n## {title}\n", markdown_table(rows, columns)]
         body += [f"<h2>{html.escape(title)}</h2>", html_table(rows, columns)]
@@ -222,10 +249,14 @@ def write_report(out_dir: str | Path, summary: Sequence[dict[str, Any]], figures
         for p in paths:
             md.append(f"![{p.stem}]({p.relative_to(out).as_posix()})\n")
             body.append(f'<figure><img alt="{html.escape(p.stem)}" src="{_data_uri(p)}"></figure>')
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>FastComposer evaluation</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>FastComposer evaluation</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
     paths = {"markdown": out / "report.md", "html": out / "report.html"}
     with atomic_write(paths["markdown"], "w") as handle:
         handle.write("\n".join(md))

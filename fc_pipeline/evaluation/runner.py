@@ -12,9 +12,10 @@ import dataclasses
 import gc
 import resource
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -85,10 +86,16 @@ class _Generation:
     attention_maps: list | None
 
 
-def evaluate_pipeline(pipe, cases: Sequence[BenchmarkCase], config: EvaluationConfig, out_dir: str | Path,
-                      label: str = "checkpoint", faces: FaceScorer | None = None,
-                      prompt_scorer: PromptConsistency | None = None,
-                      progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[_Generation]]:
+def evaluate_pipeline(
+    pipe,
+    cases: Sequence[BenchmarkCase],
+    config: EvaluationConfig,
+    out_dir: str | Path,
+    label: str = "checkpoint",
+    faces: FaceScorer | None = None,
+    prompt_scorer: PromptConsistency | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[_Generation]]:
     """Generate and score every case at every α with one pipeline; returns per-image rows and samples."""
     faces = faces or default_face_scorer()
     prompt_scorer = prompt_scorer or default_prompt_scorer()
@@ -108,8 +115,9 @@ def evaluate_pipeline(pipe, cases: Sequence[BenchmarkCase], config: EvaluationCo
         ref_faces = [reference_faces[s.name] for s in case.subjects]
         for alpha in config.alpha_values:
             text_only = alpha == 0.0
-            want_attention = (not text_only and len(case.subjects) > 1 and attention_budget > 0
-                              and alpha == config.main_alpha)
+            want_attention = (
+                not text_only and len(case.subjects) > 1 and attention_budget > 0 and alpha == config.main_alpha
+            )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             generators = [torch.Generator("cpu").manual_seed(config.seed + k) for k in range(config.images_per_prompt)]
@@ -142,15 +150,26 @@ def evaluate_pipeline(pipe, cases: Sequence[BenchmarkCase], config: EvaluationCo
             for k, image in enumerate(output.images):
                 generated = faces.faces(image)
                 row = {
-                    "checkpoint": label, "setting": "multi" if len(case.subjects) > 1 else "single",
-                    "method": "text-only SD" if text_only else "FastComposer", "alpha": alpha,
-                    "case_id": case.case_id, "category": case.category, "template": case.template,
-                    "prompt": case.prompt, "subjects": [s.name for s in case.subjects],
-                    "seed": config.seed + k, "image": paths[k], "n_faces": len(generated),
+                    "checkpoint": label,
+                    "setting": "multi" if len(case.subjects) > 1 else "single",
+                    "method": "text-only SD" if text_only else "FastComposer",
+                    "alpha": alpha,
+                    "case_id": case.case_id,
+                    "category": case.category,
+                    "template": case.template,
+                    "prompt": case.prompt,
+                    "subjects": [s.name for s in case.subjects],
+                    "seed": config.seed + k,
+                    "image": paths[k],
+                    "n_faces": len(generated),
                 }
                 row.update(_identity_columns(faces, ref_faces, generated, config.matching))
-                row.update(prompt_consistency=float(consistency[k]), seconds_per_image=seconds,
-                           peak_memory_mb=memory_mb, memory_kind=memory_kind)
+                row.update(
+                    prompt_consistency=float(consistency[k]),
+                    seconds_per_image=seconds,
+                    peak_memory_mb=memory_mb,
+                    memory_kind=memory_kind,
+                )
                 rows.append(row)
             samples.append(_Generation(case, alpha, list(output.images), paths, output.attention_maps))
         if progress:
@@ -158,8 +177,9 @@ def evaluate_pipeline(pipe, cases: Sequence[BenchmarkCase], config: EvaluationCo
     return rows, samples
 
 
-def _identity_columns(faces: FaceScorer, references: list[DetectedFaces], generated: DetectedFaces,
-                      matching: str) -> dict[str, Any]:
+def _identity_columns(
+    faces: FaceScorer, references: list[DetectedFaces], generated: DetectedFaces, matching: str
+) -> dict[str, Any]:
     result = faces.multi_identity(references, generated, matching)
     multi = len(references) > 1
     hungarian = faces.multi_identity(references, generated, "hungarian").score if multi else result.score
@@ -188,10 +208,20 @@ def _label(checkpoint, index: int) -> str:
     return Path(checkpoint).name if isinstance(checkpoint, (str, Path)) else f"checkpoint{index}"
 
 
-def run_evaluation(checkpoint, subjects_dir: str | Path, out_dir: str | Path, config: EvaluationConfig | None = None,
-                   *, profile: str = "tiny", device: str | None = None, torch_dtype: torch.dtype | None = None,
-                   faces: FaceScorer | None = None, prompt_scorer: PromptConsistency | None = None,
-                   progress: Callable[[str], None] | None = None, **config_overrides: Any) -> dict[str, Any]:
+def run_evaluation(
+    checkpoint,
+    subjects_dir: str | Path,
+    out_dir: str | Path,
+    config: EvaluationConfig | None = None,
+    *,
+    profile: str = "tiny",
+    device: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    faces: FaceScorer | None = None,
+    prompt_scorer: PromptConsistency | None = None,
+    progress: Callable[[str], None] | None = None,
+    **config_overrides: Any,
+) -> dict[str, Any]:
     """Evaluate one checkpoint (a directory or a loaded pipeline), or several as ``{label: checkpoint}``.
 
     Writes ``scores.parquet`` (per image), ``summary.json``, ``alpha_sweep.png``, grids, attention
@@ -202,8 +232,11 @@ def run_evaluation(checkpoint, subjects_dir: str | Path, out_dir: str | Path, co
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     subjects = load_subjects(subjects_dir, class_word=config.class_word)
-    cases = [case for name in config.prompt_sets
-             for case in benchmark_cases(subjects, load_prompt_set(name), config.max_prompts, config.max_subject_groups)]
+    cases = [
+        case
+        for name in config.prompt_sets
+        for case in benchmark_cases(subjects, load_prompt_set(name), config.max_prompts, config.max_subject_groups)
+    ]
     score_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     faces = faces or default_face_scorer(profile, score_device)
     prompt_scorer = prompt_scorer or default_prompt_scorer(profile, score_device)
@@ -225,22 +258,38 @@ def run_evaluation(checkpoint, subjects_dir: str | Path, out_dir: str | Path, co
     summary = summarise(rows)
     figures["Identity vs prompt consistency"].append(plot_alpha_sweep(summary, out / "alpha_sweep.png"))
     scores_path = write_parquet(pa.Table.from_pylist(rows), out / "scores.parquet")
-    settings = {"checkpoints": ", ".join(f"{k}={v if isinstance(v, (str, Path)) else type(v).__name__}" for k, v in checkpoints.items()),
-                "subjects": f"{len(subjects)} from {subjects_dir}", "cases": len(cases), "profile": profile,
-                **dataclasses.asdict(config),
-                "wall_seconds": round(time.perf_counter() - started, 1)}
+    settings = {
+        "checkpoints": ", ".join(
+            f"{k}={v if isinstance(v, (str, Path)) else type(v).__name__}" for k, v in checkpoints.items()
+        ),
+        "subjects": f"{len(subjects)} from {subjects_dir}",
+        "cases": len(cases),
+        "profile": profile,
+        **dataclasses.asdict(config),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
     report = write_report(out, summary, figures, settings)
     first = next(iter(checkpoints))
-    headline = {r["setting"]: {"identity_pct": r["identity_pct"], "prompt_consistency": r["prompt_consistency"],
-                               "margin": r["margin"]}
-                for r in summary if r["checkpoint"] == first and r["alpha"] == config.main_alpha}
+    headline = {
+        r["setting"]: {
+            "identity_pct": r["identity_pct"],
+            "prompt_consistency": r["prompt_consistency"],
+            "margin": r["margin"],
+        }
+        for r in summary
+        if r["checkpoint"] == first and r["alpha"] == config.main_alpha
+    }
     result = {
         "summary": summary,
         "headline": headline,  # first checkpoint at the main α, per setting
         "main_alpha": config.main_alpha,
         "images": len(rows),
-        "paths": {"scores": str(scores_path), "report": str(report["markdown"]), "html": str(report["html"]),
-                  "alpha_sweep": str(out / "alpha_sweep.png")},
+        "paths": {
+            "scores": str(scores_path),
+            "report": str(report["markdown"]),
+            "html": str(report["html"]),
+            "alpha_sweep": str(out / "alpha_sweep.png"),
+        },
     }
     write_json(result, out / "summary.json")
     return result
@@ -249,8 +298,14 @@ def run_evaluation(checkpoint, subjects_dir: str | Path, out_dir: str | Path, co
 def _grid_figure(samples: Sequence[_Generation], config: EvaluationConfig, path: Path) -> Path:
     by_case: dict[str, dict[str, Any]] = {}
     for sample in samples:
-        entry = by_case.setdefault(sample.case.case_id, {
-            "title": sample.case.prompt, "references": [(s.name, s.reference_image()) for s in sample.case.subjects], "generated": []})
+        entry = by_case.setdefault(
+            sample.case.case_id,
+            {
+                "title": sample.case.prompt,
+                "references": [(s.name, s.reference_image()) for s in sample.case.subjects],
+                "generated": [],
+            },
+        )
         entry["generated"].append((f"α={sample.alpha:g}" + (" (SD)" if sample.alpha == 0 else ""), sample.images[0]))
     return plot_grid(list(by_case.values())[: config.grid_samples], path)
 

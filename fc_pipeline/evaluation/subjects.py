@@ -45,7 +45,9 @@ def load_subjects(subjects_dir: str | Path, class_word: str = DEFAULT_CLASS_WORD
         except json.JSONDecodeError as exc:
             raise ValueError(f"{metadata_path} is not valid JSON: {exc}") from None
         if not isinstance(class_words, dict) or not all(isinstance(v, str) and v.strip() for v in class_words.values()):
-            raise ValueError(f"{metadata_path} must map subject folder names to class words, e.g. {{\"paul_rudd\": \"man\"}}")
+            raise ValueError(
+                f'{metadata_path} must map subject folder names to class words, e.g. {{"paul_rudd": "man"}}'
+            )
     subjects, problems = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         references = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
@@ -64,7 +66,9 @@ def load_subjects(subjects_dir: str | Path, class_word: str = DEFAULT_CLASS_WORD
     if problems:
         raise ValueError(f"bad subjects folder {root}:\n  " + "\n  ".join(problems))
     if not subjects:
-        raise ValueError(f"subjects folder {root} has no sub-folders; expected one folder of reference photos per identity")
+        raise ValueError(
+            f"subjects folder {root} has no sub-folders; expected one folder of reference photos per identity"
+        )
     return subjects
 
 

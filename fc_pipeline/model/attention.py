@@ -9,7 +9,7 @@ autograd graph, so the loss back-propagates into the UNet.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -20,7 +20,7 @@ _SUFFIX = ".processor"
 class SubjectAttentionProcessor:
     """A diffusers attention processor that records the attention probabilities it computes."""
 
-    def __init__(self, capture: "AttentionCapture", layer: str):
+    def __init__(self, capture: AttentionCapture, layer: str):
         self.capture = capture
         self.layer = layer
 

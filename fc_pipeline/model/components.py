@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from fc_pipeline.model.fuser import SubjectFuser
-from fc_pipeline.models import ModelProfile, clip_tokenizer, get_profile
+from fc_pipeline.profiles import ModelProfile, clip_tokenizer, get_profile
 
 # the order of FastComposerPipeline.__init__
 COMPONENT_NAMES = (
@@ -107,7 +107,9 @@ def _checkpoint_components(path: Path, torch_dtype: torch.dtype | None) -> dict[
         "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype),
         "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", dtype=torch_dtype),
+        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(
+            path, subfolder="image_encoder", dtype=torch_dtype
+        ),
         "feature_extractor": CLIPImageProcessor.from_pretrained(path, subfolder="feature_extractor"),
         "fuser": SubjectFuser.from_pretrained(path, subfolder="fuser", torch_dtype=torch_dtype),
     }

@@ -62,7 +62,9 @@ class SubjectFuser(ModelMixin, ConfigMixin):
         tokens = text_embeds.gather(1, index[..., None].expand(-1, -1, width))
         fused = self.fuse_tokens(tokens, image_embeds)
         # one-hot [B, S, T] placement keeps gradients exact and never touches other tokens
-        placement = torch.nn.functional.one_hot(index, length).to(fused.dtype) * subject_valid[..., None].to(fused.dtype)
+        placement = torch.nn.functional.one_hot(index, length).to(fused.dtype) * subject_valid[..., None].to(
+            fused.dtype
+        )
         is_subject = placement.sum(1) > 0
         placed = torch.einsum("bst,bsd->btd", placement, fused)
         return torch.where(is_subject[..., None], placed, text_embeds)

@@ -52,7 +52,9 @@ def compute_losses(
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    target = (
+        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    )
 
     condition = text
     if use_subjects and bool(valid.any()):

@@ -10,12 +10,12 @@ spans instead; both end in the same token lookup.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from fc_pipeline.models import SUBJECT_MARKER
+from fc_pipeline.profiles import SUBJECT_MARKER
 
 _WHITESPACE = re.compile(r"\s+")
 

@@ -78,6 +78,10 @@ def chain(tmp_path_factory) -> Chain:
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("corpus", [CORPUS])
         result = dg.materialize(
-            DATASET_ASSETS + DATASET_CHECKS, resources=resources, instance=instance, partition_key=CORPUS, run_config=RUN_CONFIG
+            DATASET_ASSETS + DATASET_CHECKS,
+            resources=resources,
+            instance=instance,
+            partition_key=CORPUS,
+            run_config=RUN_CONFIG,
         )
         yield Chain(root, resources, instance, result)

@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from fc_pipeline.data.demo import demo_scenes
+from fc_pipeline.data.demo_corpus import demo_scenes
 from fc_pipeline.storage import read_parquet
 
 from .conftest import DATASET_ASSETS, DATASET_CHECKS, SMALL_CORPUS, metadata
@@ -65,7 +65,10 @@ def test_training_shards_and_their_summary(chain):
     out = shards["path"]
     assert (chain.path("shards")).samefile(out)
     assert (chain.path("shards") / "train" / "00000.tar").is_file()
-    assert json.loads((chain.path("shards") / "train" / "_stats.json").read_text())["samples"] == shards["samples_out"]["train"]
+    assert (
+        json.loads((chain.path("shards") / "train" / "_stats.json").read_text())["samples"]
+        == shards["samples_out"]["train"]
+    )
     assert shards["models"]["profile"] == "tiny"
     (event,) = chain.result.asset_materializations_for_node("training_shards")
     assert len(event.tags["dagster/data_version"]) == 16

@@ -138,7 +138,11 @@ def test_growing_corpus_processes_only_new_images_and_appends_shards(chain):
 
 
 def _sample_paths(shards_dir):
-    return [path for sidecar in shards_dir.glob("*/[0-9]*.parquet") for path in read_parquet(sidecar).column("path").to_pylist()]
+    return [
+        path
+        for sidecar in shards_dir.glob("*/[0-9]*.parquet")
+        for path in read_parquet(sidecar).column("path").to_pylist()
+    ]
 
 
 def _partition_checks(instance, corpus):
@@ -152,8 +156,13 @@ def test_failing_blocking_check_keeps_training_from_the_corpus(chain):
     failed = chain.materialize([dataset.training_shards, checks.failure_rate], strict)
     assert not failed.success
     # failed, and the other two did not run on these (re-materialised) shards
-    assert _partition_checks(chain.instance, "demo") == {"demo": {
-        "failure_rate": "failed", "shards_readable": "not run on the latest shards", "samples_with_subjects": "not run on the latest shards"}}
+    assert _partition_checks(chain.instance, "demo") == {
+        "demo": {
+            "failure_rate": "failed",
+            "shards_readable": "not run on the latest shards",
+            "samples_with_subjects": "not run on the latest shards",
+        }
+    }
 
     result = dg.materialize(
         [fastcomposer_checkpoint],
@@ -178,7 +187,11 @@ def test_failing_blocking_check_keeps_training_from_the_corpus(chain):
 
 
 def test_training_policy_counts_new_samples_against_the_last_checkpoint(chain, monkeypatch):
-    train = sum(metadata(chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS], {}), "training_shards")["samples_out"].values())
+    train = sum(
+        metadata(chain.materialize([dataset.training_shards, *checks.SHARD_CHECKS], {}), "training_shards")[
+            "samples_out"
+        ].values()
+    )
     assert train >= 1
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("corpus", ["demo"])
@@ -186,7 +199,9 @@ def test_training_policy_counts_new_samples_against_the_last_checkpoint(chain, m
         def shards(train_samples, passed=True):
             @dg.asset(name="training_shards", partitions_def=dataset.corpus_partitions)
             def stand_in():
-                return dg.MaterializeResult(metadata={"samples_out": dg.MetadataValue.json({"train": train_samples, "val": 1})})
+                return dg.MaterializeResult(
+                    metadata={"samples_out": dg.MetadataValue.json({"train": train_samples, "val": 1})}
+                )
 
             def stand_in_check(name):
                 @dg.asset_check(asset=stand_in, name=name, partitions_def=dataset.corpus_partitions)

@@ -24,7 +24,9 @@ def _captions(rows):
 
 
 def test_caption_rate_counts_readable_images_only():
-    table = _captions([("a man", None), ("a dog", None), ("a tree", None), (None, "empty_caption"), (None, "truncated")])
+    table = _captions(
+        [("a man", None), ("a dog", None), ("a tree", None), (None, "empty_caption"), (None, "truncated")]
+    )
     result = evaluate_caption_rate(table, min_rate=0.7)
     assert result.passed and result.metadata["non_empty_rate"].value == 0.75
     assert result.metadata["readable_images"].value == 4
@@ -52,7 +54,10 @@ def test_failure_rate_separates_errors_from_filtered_images():
 
 
 def test_subject_rate_reads_the_shard_sidecars(tmp_path):
-    write_parquet(pa.table({"id": ["a", "b", "c"], "n_subjects": pa.array([1, 0, 2], pa.int32())}), tmp_path / "train" / "00000.parquet")
+    write_parquet(
+        pa.table({"id": ["a", "b", "c"], "n_subjects": pa.array([1, 0, 2], pa.int32())}),
+        tmp_path / "train" / "00000.parquet",
+    )
     result = evaluate_subject_rate(tmp_path, min_rate=0.6)
     assert result.passed and abs(result.metadata["with_subjects_rate"].value - 2 / 3) < 1e-9
     assert not evaluate_subject_rate(tmp_path, min_rate=0.9).passed

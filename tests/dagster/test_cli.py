@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from fc_pipeline.data.demo import make_demo_corpus
+from fc_pipeline.data.demo_corpus import make_demo_corpus
 
 from .test_definitions import DATASET
 
@@ -25,7 +25,16 @@ def demo(tmp_path_factory):
     """`fc-pipeline demo` of the dataset chain on the default 24-image demo corpus."""
     tmp = tmp_path_factory.mktemp("demo")
     data, home = tmp / "data", tmp / "home"
-    command = [str(BIN / "fc-pipeline"), "demo", "--data-root", str(data), "--dagster-home", str(home), "--select", *DATASET]
+    command = [
+        str(BIN / "fc-pipeline"),
+        "demo",
+        "--data-root",
+        str(data),
+        "--dagster-home",
+        str(home),
+        "--select",
+        *DATASET,
+    ]
     done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=300)
     return data, home, done
 
@@ -59,7 +68,12 @@ class Instance:
         self.home, self.data = tmp_path / "dagster_home", tmp_path / "data"
         self.home.mkdir()
         (self.home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
-        self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "FC_PIPELINE_DATA": str(self.data), "OMP_NUM_THREADS": "1"}
+        self.env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "FC_PIPELINE_DATA": str(self.data),
+            "OMP_NUM_THREADS": "1",
+        }
 
     def run(self, *command: str, timeout: int = 300) -> subprocess.CompletedProcess:
         done = subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -81,7 +95,9 @@ class Instance:
                     latest[run.tags.get("dagster/partition")] = run.status.value
                 return latest
             time.sleep(2)
-        raise AssertionError(f"runs did not finish: {[(r.tags.get('dagster/partition'), r.status) for r in self.runs()]}")
+        raise AssertionError(
+            f"runs did not finish: {[(r.tags.get('dagster/partition'), r.status) for r in self.runs()]}"
+        )
 
     def _created(self, run_id: str) -> float:
         with dg.DagsterInstance.from_config(str(self.home)) as instance:
@@ -96,7 +112,18 @@ def test_readme_materialize_command_on_a_fresh_dagster_home(demo, tmp_path):
     instance = Instance(tmp_path)
     instance.env["FC_PIPELINE_DATA"] = str(data)
     instance.run(str(BIN / "fc-pipeline"), "corpus", "add", "demo")
-    instance.run(str(BIN / "dagster"), "asset", "materialize", "-m", "assets", "--select", "*", "--partition", "demo", timeout=540)
+    instance.run(
+        str(BIN / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "assets",
+        "--select",
+        "*",
+        "--partition",
+        "demo",
+        timeout=540,
+    )
     with dg.DagsterInstance.from_config(str(instance.home)) as dagster:
         (run,) = dagster.get_runs()
         assert run.status == dg.DagsterRunStatus.SUCCESS
@@ -137,8 +164,12 @@ def test_backfills_from_the_command_line(tmp_path):
     assert [r.status for r in instance.runs()] == [dg.DagsterRunStatus.SUCCESS]
 
     daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=REPO_ROOT, env=instance.env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=REPO_ROOT,
+        env=instance.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         # a list of corpora: queued runs, started by the daemon

@@ -67,7 +67,9 @@ def test_dataset_assets_and_checks_are_partitioned_by_corpus():
         assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "corpus", name
     for name in ("fastcomposer_checkpoint", "evaluation_report"):
         assert graph.get(dg.AssetKey(name)).partitions_def is None
-    dataset_checks = [c for c in defs.asset_checks if {k.asset_key.to_user_string() for k in c.check_keys} <= set(DATASET)]
+    dataset_checks = [
+        c for c in defs.asset_checks if {k.asset_key.to_user_string() for k in c.check_keys} <= set(DATASET)
+    ]
     assert len(dataset_checks) == 5
     for check in dataset_checks:
         assert check.partitions_def is not None and check.partitions_def.name == "corpus"
@@ -75,7 +77,10 @@ def test_dataset_assets_and_checks_are_partitioned_by_corpus():
     assert build.partitions_def.name == "corpus"
     assert {k.to_user_string() for k in build.asset_layer.executable_asset_keys} == set(DATASET)
     train = defs.resolve_job_def("train")
-    assert {k.to_user_string() for k in train.asset_layer.executable_asset_keys} == {"fastcomposer_checkpoint", "evaluation_report"}
+    assert {k.to_user_string() for k in train.asset_layer.executable_asset_keys} == {
+        "fastcomposer_checkpoint",
+        "evaluation_report",
+    }
 
 
 def test_sensors_and_schedule_are_on_by_default():
@@ -85,7 +90,11 @@ def test_sensors_and_schedule_are_on_by_default():
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
     assert sensors["corpus_sensor"].job_name == "build_dataset" and sensors["train_on_new_samples"].job_name == "train"
     (schedule,) = defs.schedules
-    assert (schedule.name, schedule.cron_schedule, schedule.job_name) == ("nightly_dataset_refresh", "0 2 * * *", "build_dataset")
+    assert (schedule.name, schedule.cron_schedule, schedule.job_name) == (
+        "nightly_dataset_refresh",
+        "0 2 * * *",
+        "build_dataset",
+    )
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
 
 

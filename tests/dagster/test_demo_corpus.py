@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fc_pipeline.data.corpus import scan_corpus
-from fc_pipeline.data.demo import CORRUPT_NAME, SCENES, demo_scenes, draw_scene, make_demo_corpus
+from fc_pipeline.data.demo_corpus import CORRUPT_NAME, SCENES, demo_scenes, draw_scene, make_demo_corpus
 from fc_pipeline.data.segmentation import load_annotation
 from fc_pipeline.images import ImageError, load_image
 

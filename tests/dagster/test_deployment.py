@@ -17,7 +17,12 @@ from dagster._config import process_config, validate_config
 from dagster._core.instance.config import dagster_instance_config
 from dagster_k8s import K8sRunLauncher
 from dagster_k8s.container_context import K8sContainerContext
-from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
+from dagster_k8s.job import (
+    DagsterK8sJobConfig,
+    UserDefinedDagsterK8sConfig,
+    construct_dagster_k8s_job,
+    get_user_defined_k8s_config,
+)
 from dagster_k8s.models import k8s_snake_case_dict
 from kubernetes import client
 
@@ -32,7 +37,7 @@ from assets.deployment import (
     k8s_executor_config,
     training_workers,
 )
-from fc_pipeline.launch import launch_settings_from_env, training_command
+from fc_pipeline.training.launch import launch_settings_from_env, training_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy" / "k8s"
@@ -77,7 +82,11 @@ def test_k8s_executor_config_from_env_passes_dagster_k8s_schema():
     assert execution["env_config_maps"] == ["fc-pipeline-env", "hf-settings"]
     assert execution["env_secrets"] == ["hf-token"]
     assert execution["step_k8s_config"]["container_config"]["resources"]["requests"] == {"cpu": "1", "memory": "4Gi"}
-    assert k8s_executor_config({}) == {"image_pull_policy": "IfNotPresent", "max_concurrent": 8, "step_k8s_config": DEFAULT_STEP_K8S_CONFIG}
+    assert k8s_executor_config({}) == {
+        "image_pull_policy": "IfNotPresent",
+        "max_concurrent": 8,
+        "step_k8s_config": DEFAULT_STEP_K8S_CONFIG,
+    }
 
 
 def test_a_wrong_step_config_is_refused_by_dagster():
@@ -98,8 +107,16 @@ for job in jobs:
     dg.validate_run_config(job, {})
 print(json.dumps({job.name: job.executor_def.name for job in jobs}))
 """
-    env = {**os.environ, **K8S_ENV, "KUBECONFIG": str(tmp_path / "missing"), "DAGSTER_HOME": str(tmp_path), "FC_PIPELINE_DATA": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        **K8S_ENV,
+        "KUBECONFIG": str(tmp_path / "missing"),
+        "DAGSTER_HOME": str(tmp_path),
+        "FC_PIPELINE_DATA": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     executors = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"build_dataset", "__ASSET_JOB"} <= set(executors)
@@ -119,7 +136,9 @@ def test_every_gpu_pool_step_asks_for_a_gpu_node():
         else:
             assert k8s == UserDefinedDagsterK8sConfig(), f"{names} is not in the gpu pool but asks for k8s resources"
             untagged |= names
-    assert {"captions", "panoptic_segments", "subject_matches", "fastcomposer_checkpoint", "evaluation_report"} <= set(tagged)
+    assert {"captions", "panoptic_segments", "subject_matches", "fastcomposer_checkpoint", "evaluation_report"} <= set(
+        tagged
+    )
     assert {"corpus_images", "noun_phrases", "training_shards"} <= untagged
     for name, k8s in tagged.items():
         assert int(k8s.container_config["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
@@ -128,9 +147,14 @@ def test_every_gpu_pool_step_asks_for_a_gpu_node():
 
 
 def test_gpu_node_selector_and_gpu_count_are_configurable():
-    config = gpu_step_k8s_config({"FC_PIPELINE_GPU_NODE_SELECTOR": '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}'}, gpus=8)
+    config = gpu_step_k8s_config(
+        {"FC_PIPELINE_GPU_NODE_SELECTOR": '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}'}, gpus=8
+    )
     assert config["pod_spec_config"]["node_selector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
-    assert config["container_config"]["resources"] == {"limits": {"nvidia.com/gpu": "8"}, "requests": {"cpu": "32", "memory": "256Gi"}}
+    assert config["container_config"]["resources"] == {
+        "limits": {"nvidia.com/gpu": "8"},
+        "requests": {"cpu": "32", "memory": "256Gi"},
+    }
     assert TRAINING_OP_TAGS == GPU_OP_TAGS  # FC_PIPELINE_TRAINING_GPUS unset: one GPU per training machine
     with pytest.raises(ValueError, match="FC_PIPELINE_GPU_NODE_SELECTOR must be a JSON object of strings"):
         gpu_step_k8s_config({"FC_PIPELINE_GPU_NODE_SELECTOR": '["gpu"]'})
@@ -158,7 +182,11 @@ def step_job(launcher: dict, tags: dict, step: str) -> client.V1Job:
             namespace=launcher["job_namespace"],
             run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher["run_k8s_config"]),
         )
-        .merge(K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(k8s_executor_config({})["step_k8s_config"])))
+        .merge(
+            K8sContainerContext(
+                run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(k8s_executor_config({})["step_k8s_config"])
+            )
+        )
         .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(tags)))
     )
     job_config = DagsterK8sJobConfig(
@@ -168,14 +196,20 @@ def step_job(launcher: dict, tags: dict, step: str) -> client.V1Job:
         postgres_password_secret=launcher["postgres_password_secret"],
     )
     return construct_dagster_k8s_job(
-        job_config, ["dagster", "api", "execute_step"], f"dagster-step-{step}", user_defined_k8s_config=context.run_k8s_config,
-        component="step_worker", labels={"dagster/op": step, "dagster/run-id": "run-1"},
-    )  # fmt: skip
+        job_config,
+        ["dagster", "api", "execute_step"],
+        f"dagster-step-{step}",
+        user_defined_k8s_config=context.run_k8s_config,
+        component="step_worker",
+        labels={"dagster/op": step, "dagster/run-id": "run-1"},
+    )
 
 
 def test_step_pods_of_gpu_and_cpu_steps(monkeypatch):
     launcher = _launcher_config(monkeypatch)
-    gpu_pod = step_job(launcher, dict(assets.defs.resolve_assets_def("captions").op.tags), "captions").spec.template.spec
+    gpu_pod = step_job(
+        launcher, dict(assets.defs.resolve_assets_def("captions").op.tags), "captions"
+    ).spec.template.spec
     (container,) = gpu_pod.containers
     assert container.resources.limits == {"nvidia.com/gpu": "1", "memory": "2Gi"}
     assert container.resources.requests == {"cpu": "4", "memory": "32Gi"}  # the GPU tag wins over the step default
@@ -186,7 +220,9 @@ def test_step_pods_of_gpu_and_cpu_steps(monkeypatch):
     assert [e.config_map_ref.name for e in container.env_from] == ["fc-pipeline-env"]
     assert container.image == "registry.example.com/fc-pipeline:0.1.0"
 
-    cpu_pod = step_job(launcher, dict(assets.defs.resolve_assets_def("noun_phrases").op.tags), "noun_phrases").spec.template.spec
+    cpu_pod = step_job(
+        launcher, dict(assets.defs.resolve_assets_def("noun_phrases").op.tags), "noun_phrases"
+    ).spec.template.spec
     resources = cpu_pod.containers[0].resources
     assert (resources.limits, resources.requests) == ({"memory": "2Gi"}, {"cpu": "1", "memory": "4Gi"})
     assert cpu_pod.node_selector is None and cpu_pod.tolerations is None
@@ -241,7 +277,9 @@ def _snake(value):
     """camelCase helm keys -> the snake_case keys of dagster.yaml (applyLimitPerUniqueValue is Dagster's own)."""
     if isinstance(value, dict):
         return {
-            key if key == "applyLimitPerUniqueValue" else "".join(f"_{c.lower()}" if c.isupper() else c for c in key): _snake(v)
+            key
+            if key == "applyLimitPerUniqueValue"
+            else "".join(f"_{c.lower()}" if c.isupper() else c for c in key): _snake(v)
             for key, v in value.items()
         }
     return [_snake(v) for v in value] if isinstance(value, list) else value
@@ -271,7 +309,11 @@ def test_helm_values_run_the_code_location_and_match_the_instance_yaml():
     assert _snake(launcher["runK8sConfig"]) == instance["run_launcher"]["config"]["run_k8s_config"]
     daemon = values["dagsterDaemon"]
     assert daemon["enabled"]
-    assert daemon["runCoordinator"] == {"enabled": True, "type": "QueuedRunCoordinator", "config": {"queuedRunCoordinator": {}}}
+    assert daemon["runCoordinator"] == {
+        "enabled": True,
+        "type": "QueuedRunCoordinator",
+        "config": {"queuedRunCoordinator": {}},
+    }
     assert _snake(daemon["runMonitoring"]) == instance["run_monitoring"]
     assert _snake(daemon["runRetries"]) == instance["run_retries"]
     assert values["concurrency"]["enabled"]
@@ -309,28 +351,40 @@ def training_pod(monkeypatch) -> client.V1Pod:
     tags = dict(assets.defs.resolve_assets_def("fastcomposer_checkpoint").op.tags)
     spec = step_job(launcher, tags, "fastcomposer_checkpoint").spec.template.spec
     spec.node_name = "gpu-node-7"
-    spec.volumes.append(client.V1Volume(name="kube-api-access-x9z", projected=client.V1ProjectedVolumeSource(sources=[])))
-    token_mount = client.V1VolumeMount(name="kube-api-access-x9z", mount_path="/var/run/secrets/kubernetes.io/serviceaccount")
+    spec.volumes.append(
+        client.V1Volume(name="kube-api-access-x9z", projected=client.V1ProjectedVolumeSource(sources=[]))
+    )
+    token_mount = client.V1VolumeMount(
+        name="kube-api-access-x9z", mount_path="/var/run/secrets/kubernetes.io/serviceaccount"
+    )
     spec.containers[0].volume_mounts.append(token_mount)
     spec.containers[0].env.append(client.V1EnvVar(name="FC_PIPELINE_MACHINE_RANK", value="0"))
     monkeypatch.setattr("dagster_k8s.utils.detect_current_namespace", lambda kubeconfig: "fc-pipeline")
     return client.V1Pod(
         metadata=client.V1ObjectMeta(
-            name="dagster-step-5f0c2e-pod", namespace="fc-pipeline", uid="uid-1",
+            name="dagster-step-5f0c2e-pod",
+            namespace="fc-pipeline",
+            uid="uid-1",
             labels={"dagster/run-id": "run-1", "job-name": "dagster-step-5f0c2e", "controller-uid": "c-1"},
         ),
         spec=spec,
         status=client.V1PodStatus(pod_ip="10.4.0.7"),
-    )  # fmt: skip
+    )
 
 
 def test_workers_are_an_indexed_job_cloned_from_the_training_pod(training_pod):
     core, batch, logs = FakeCore(training_pod), FakeBatch(), []
     config_path = "/data/checkpoints/run-1/train_config.json"
     with training_workers(
-        config_path, num_machines=3, processes_per_machine=2, main_process_port=29600,
-        core_api=core, batch_api=batch, env={"HOSTNAME": "dagster-step-5f0c2e-pod"}, log=logs.append,
-    ) as main_ip:  # fmt: skip
+        config_path,
+        num_machines=3,
+        processes_per_machine=2,
+        main_process_port=29600,
+        core_api=core,
+        batch_api=batch,
+        env={"HOSTNAME": "dagster-step-5f0c2e-pod"},
+        log=logs.append,
+    ) as main_ip:
         assert main_ip == "10.4.0.7"
         assert core.reads == [("dagster-step-5f0c2e-pod", "fc-pipeline")]
         ((namespace, job),) = batch.created
@@ -338,9 +392,19 @@ def test_workers_are_an_indexed_job_cloned_from_the_training_pod(training_pod):
     assert batch.deleted == [(job.metadata.name, "fc-pipeline", "Background")]
     assert namespace == "fc-pipeline" and job.metadata.name in logs[0]
 
-    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism, job.spec.backoff_limit) == ("Indexed", 2, 2, 0)
-    assert [(o.kind, o.name, o.uid) for o in job.metadata.owner_references] == [("Pod", "dagster-step-5f0c2e-pod", "uid-1")]
-    assert job.spec.template.metadata.labels["dagster/run-id"] == "run-1" and "controller-uid" not in job.spec.template.metadata.labels
+    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism, job.spec.backoff_limit) == (
+        "Indexed",
+        2,
+        2,
+        0,
+    )
+    assert [(o.kind, o.name, o.uid) for o in job.metadata.owner_references] == [
+        ("Pod", "dagster-step-5f0c2e-pod", "uid-1")
+    ]
+    assert (
+        job.spec.template.metadata.labels["dagster/run-id"] == "run-1"
+        and "controller-uid" not in job.spec.template.metadata.labels
+    )
     spec = job.spec.template.spec
     assert spec.node_name is None and spec.restart_policy == "Never" and spec.automount_service_account_token is False
     # the same GPUs, GPU nodes, image and data volume as machine 0; no API token
@@ -351,15 +415,25 @@ def test_workers_are_an_indexed_job_cloned_from_the_training_pod(training_pod):
     assert container.image == training_pod.spec.containers[0].image
     assert [v.name for v in spec.volumes] == ["fc-pipeline-data"]
     assert [m.mount_path for m in container.volume_mounts] == ["/data"]
-    assert container.command == [sys.executable, "-m", "fc_pipeline.launch", "--config", config_path] and container.args is None
-    assert training_pod.spec.node_name == "gpu-node-7" and len(training_pod.spec.volumes) == 2  # the pod itself is untouched
+    assert (
+        container.command == [sys.executable, "-m", "fc_pipeline.training.launch", "--config", config_path]
+        and container.args is None
+    )
+    assert (
+        training_pod.spec.node_name == "gpu-node-7" and len(training_pod.spec.volumes) == 2
+    )  # the pod itself is untouched
 
     # pod i of the Job runs machine i + 1 of the very command machine 0 runs
     env = {e.name: e.value for e in container.env if e.value is not None}
     for index in (0, 1):
         worker = training_command(config_path, **launch_settings_from_env({**env, "JOB_COMPLETION_INDEX": str(index)}))
         assert worker == training_command(
-            config_path, num_processes=6, num_machines=3, machine_rank=index + 1, main_process_ip=main_ip, main_process_port=29600
+            config_path,
+            num_processes=6,
+            num_machines=3,
+            machine_rank=index + 1,
+            main_process_ip=main_ip,
+            main_process_port=29600,
         )
     # the manifest is one the API server accepts the shape of
     manifest = client.ApiClient().sanitize_for_serialization(job)
@@ -370,8 +444,15 @@ def test_workers_are_an_indexed_job_cloned_from_the_training_pod(training_pod):
 def test_workers_are_deleted_when_training_fails(training_pod):
     batch = FakeBatch()
     with pytest.raises(RuntimeError, match="rendezvous"):
-        with training_workers("cfg.json", num_machines=2, processes_per_machine=1, core_api=FakeCore(training_pod), batch_api=batch,
-                              env={"HOSTNAME": "dagster-step-5f0c2e-pod"}, log=lambda m: None):  # fmt: skip
+        with training_workers(
+            "cfg.json",
+            num_machines=2,
+            processes_per_machine=1,
+            core_api=FakeCore(training_pod),
+            batch_api=batch,
+            env={"HOSTNAME": "dagster-step-5f0c2e-pod"},
+            log=lambda m: None,
+        ):
             raise RuntimeError("rendezvous timed out")
     assert len(batch.created) == len(batch.deleted) == 1
 
@@ -381,7 +462,9 @@ def test_one_machine_or_given_workers_create_nothing(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"the Kubernetes API was called: {name}")
 
-    with training_workers("cfg.json", num_machines=1, processes_per_machine=8, core_api=NoApi(), batch_api=NoApi()) as ip:
+    with training_workers(
+        "cfg.json", num_machines=1, processes_per_machine=8, core_api=NoApi(), batch_api=NoApi()
+    ) as ip:
         assert ip is None
     given = {"main_process_ip": "train-0.train", "core_api": NoApi(), "batch_api": NoApi()}
     with training_workers("cfg.json", num_machines=4, processes_per_machine=8, **given) as ip:

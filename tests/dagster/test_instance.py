@@ -5,8 +5,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from assets.instance import prepare_dagster_home, register_corpora, registered_corpora
 from fc_pipeline.cli import main
-from fc_pipeline.instance import prepare_dagster_home, register_corpora, registered_corpora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

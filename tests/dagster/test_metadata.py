@@ -9,7 +9,15 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from assets.metadata import caption_examples, contact_sheet, failure_counts, highlight_spans, markdown_table, overlay_segments, save_preview
+from assets.metadata import (
+    caption_examples,
+    contact_sheet,
+    failure_counts,
+    highlight_spans,
+    markdown_table,
+    overlay_segments,
+    save_preview,
+)
 
 
 def test_markdown_table_escapes_cells():
@@ -19,11 +27,18 @@ def test_markdown_table_escapes_cells():
 
 def test_caption_examples_put_rewritten_captions_first_with_phrases_in_bold():
     rows = [
-        {"raw_caption": "a dog", "caption": "a dog", "phrases": json.dumps([{"text": "a dog", "start": 0, "end": 5}]), "error": None},
+        {
+            "raw_caption": "a dog",
+            "caption": "a dog",
+            "phrases": json.dumps([{"text": "a dog", "start": 0, "end": 5}]),
+            "error": None,
+        },
         {
             "raw_caption": "two women",
             "caption": "a woman and a woman",
-            "phrases": json.dumps([{"text": "a woman", "start": 0, "end": 7}, {"text": "a woman", "start": 12, "end": 19}]),
+            "phrases": json.dumps(
+                [{"text": "a woman", "start": 0, "end": 7}, {"text": "a woman", "start": 12, "end": 19}]
+            ),
             "error": None,
         },
         {"raw_caption": None, "caption": None, "phrases": None, "error": "truncated"},

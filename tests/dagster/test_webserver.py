@@ -13,7 +13,9 @@ from .test_definitions import BLOCKING, DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # the webserver helper of the screenshot script (docs/), so the test starts the UI the same way
-_spec = importlib.util.spec_from_file_location("asset_graph_screenshot", REPO_ROOT / "docs" / "asset_graph_screenshot.py")
+_spec = importlib.util.spec_from_file_location(
+    "asset_graph_screenshot", REPO_ROOT / "docs" / "asset_graph_screenshot.py"
+)
 ui = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ui)
 
@@ -64,7 +66,11 @@ def test_graphql_serves_the_asset_graph(graph):
     upstream = {key: {"/".join(dep["path"]) for dep in node["dependencyKeys"]} for key, node in graph.items()}
     assert upstream == UPSTREAM
     groups = {key: node["groupName"] for key, node in graph.items()}
-    assert groups == {**dict.fromkeys(DATASET, "dataset"), "fastcomposer_checkpoint": "training", "evaluation_report": "evaluation"}
+    assert groups == {
+        **dict.fromkeys(DATASET, "dataset"),
+        "fastcomposer_checkpoint": "training",
+        "evaluation_report": "evaluation",
+    }
 
 
 def test_graphql_lists_the_asset_checks_and_which_block(graph):
@@ -73,7 +79,9 @@ def test_graphql_lists_the_asset_checks_and_which_block(graph):
         assert node["assetChecksOrError"]["__typename"] == "AssetChecks"
         for check in node["assetChecksOrError"]["checks"]:
             checks[check["name"]] = (key, check["blocking"])
-    assert {name: key for name, (key, _) in checks.items()} == {name: key for key, names in CHECKS.items() for name in names}
+    assert {name: key for name, (key, _) in checks.items()} == {
+        name: key for key, names in CHECKS.items() for name in names
+    }
     assert {name for name, (_, blocking) in checks.items() if blocking} == BLOCKING
 
 

@@ -31,7 +31,7 @@ def _corpus(tmp_path, sizes, captions=None):
         rows.append(
             {"id": f"id{k}", "path": str(path), "width": size[0], "height": size[1],
              "caption": (captions or {}).get(k), "annotation": None, "error": None}
-        )  # fmt: skip
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -96,7 +96,7 @@ def test_segment_corpus_annotations_model_and_files(corpus_dir, tiny_segmenter, 
     segments = json.loads(solo["segments"])
     assert [(s["id"], s["label"], s["category_id"], s["isthing"]) for s in segments] == [
         (1, "grass-merged", 125, False), (2, "person", 1, True), (3, "car", 3, True),
-    ]  # fmt: skip
+    ]
     id_map = read_id_map(solo["seg_path"])
     assert id_map.shape == (64, 96) and set(np.unique(id_map)) == {0, 1, 2, 3}
     assert segments[1]["area"] == int((id_map == 2).sum())
@@ -127,7 +127,7 @@ def test_renumber_drops_empty_and_unlisted():
     id_map = np.array([[5, 5, 9], [7, 7, 0]])
     out, segments = renumber_segments(id_map, [{"id": 7, "label": "a", "category_id": 1, "isthing": 1},
                                                {"id": 3, "label": "b", "category_id": 2, "isthing": 0},
-                                               {"id": 5, "label": "c", "category_id": 3, "isthing": 0}])  # fmt: skip
+                                               {"id": 5, "label": "c", "category_id": 3, "isthing": 0}])
     assert out.tolist() == [[2, 2, 0], [1, 1, 0]]
     assert [(s["id"], s["label"], s["area"], s["bbox"]) for s in segments] == [(1, "a", 2, [0, 1, 2, 2]), (2, "c", 2, [0, 0, 2, 1])]
 
@@ -198,7 +198,7 @@ def test_tiny_clip_times_real_minilm(tiny_matcher):
 def test_paper_profile_without_weights_says_what_to_do(step):
     from fc_pipeline.data.captioning import Captioner
     from fc_pipeline.data.segmentation import Segmenter
-    from fc_pipeline.models import get_profile
+    from fc_pipeline.profiles import get_profile
 
     cls = {"captioner": Captioner, "segmenter": Segmenter}[step]
     with pytest.raises(OSError, match=rf"'/nonexistent/{step}'.*get_profile\('paper', {step}="):

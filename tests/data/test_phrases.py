@@ -100,7 +100,7 @@ def test_noun_phrases_of_expanded_caption_match_tracked_spans():
     [("man", "a"), ("elderly man", "an"), ("old woman", "an"), ("young man", "a"), ("umbrella", "an"),
      ("uniformed officer", "a"), ("hour", "an"), ("honest man", "an"), ("European", "a"), ("island", "an"),
      ("one-armed man", "a"), ("horse", "a"), ("apple", "an")],
-)  # fmt: skip
+)
 def test_indefinite_article(word, article):
     assert indefinite_article(word) == article
 

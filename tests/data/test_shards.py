@@ -26,7 +26,7 @@ def test_every_image_is_a_sample_or_in_the_ledger(built, corpus_dir):
     samples = [n for n, r in expected.items() if r is None]
     assert stats["images"] == len(expected) and stats["samples"] == len(samples) == 7
     assert stats["failures"] == {"bad_annotation": 1, "empty_file": 1, "no_person": 1, "no_segments": 3,
-                                 "too_large": 1, "truncated": 1, "unreadable": 1}  # fmt: skip
+                                 "too_large": 1, "truncated": 1, "unreadable": 1}
     assert stats["splits"]["val"]["samples"] == 1  # no u < 0.05 among 7: the smallest u (cmyk.jpg) validates
     assert stats["subjects_histogram"] == {"1": 4, "2": 2, "3": 1}
     assert stats["splits"]["train"]["shards"] == ["00000.tar", "00001.tar", "00002.tar"]

@@ -17,11 +17,14 @@ def test_evaluation_report_materialises_with_its_check(tiny_checkpoint, tmp_path
     result = dg.materialize(
         [trained_checkpoint, evaluation_report, identity_floor],
         resources={"store": DatasetStore(data_root=str(tmp_path)), "evaluator": EvaluatorResource()},
-        run_config=dg.RunConfig({
-            "evaluation_report": EvaluationReportConfig(
-                num_inference_steps=1, guidance_scale=1.0, resolution=32, max_prompts=1, max_subject_groups=1),
-            "evaluation_report_identity_floor": IdentityFloorConfig(floor_pct=0.0),
-        }),
+        run_config=dg.RunConfig(
+            {
+                "evaluation_report": EvaluationReportConfig(
+                    num_inference_steps=1, guidance_scale=1.0, resolution=32, max_prompts=1, max_subject_groups=1
+                ),
+                "evaluation_report_identity_floor": IdentityFloorConfig(floor_pct=0.0),
+            }
+        ),
     )
     assert result.success
     metadata = result.asset_materializations_for_node("evaluation_report")[0].metadata
@@ -39,8 +42,11 @@ def test_evaluation_report_materialises_with_its_check(tiny_checkpoint, tmp_path
 
 def test_identity_floor_flags_a_low_score():
     instance = dg.DagsterInstance.ephemeral()
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        "evaluation_report", metadata={"headline": dg.MetadataValue.json({"single": {"identity_pct": 12.5}})}))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "evaluation_report", metadata={"headline": dg.MetadataValue.json({"single": {"identity_pct": 12.5}})}
+        )
+    )
     context = dg.build_asset_check_context(instance=instance)
     flagged = identity_floor(context, IdentityFloorConfig(floor_pct=30.0))
     assert not flagged.passed and flagged.severity == dg.AssetCheckSeverity.WARN
@@ -50,8 +56,28 @@ def test_identity_floor_flags_a_low_score():
 
 def test_cli_evaluate(tiny_checkpoint, demo_subjects, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--subjects", str(demo_subjects), "--out", str(out),
-                 "--multi", "--alpha", "0.6", "--images-per-prompt", "2", "--steps", "2", "--max-prompts", "1", "--resolution", "32"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--subjects",
+            str(demo_subjects),
+            "--out",
+            str(out),
+            "--multi",
+            "--alpha",
+            "0.6",
+            "--images-per-prompt",
+            "2",
+            "--steps",
+            "2",
+            "--max-prompts",
+            "1",
+            "--resolution",
+            "32",
+        ]
+    )
     assert code == 0
     rows = pq.read_table(out / "scores.parquet").to_pylist()
     assert len(rows) == 4 and {r["alpha"] for r in rows} == {0.0, 0.6} and {r["seed"] for r in rows} == {0, 1}

@@ -14,7 +14,7 @@ from fc_pipeline.evaluation.faces import (
     match_subjects,
     resolve_facenet_weights,
 )
-from fc_pipeline.models import get_profile
+from fc_pipeline.profiles import get_profile
 
 
 def mirrored_and_rescaled(image: Image.Image) -> Image.Image:

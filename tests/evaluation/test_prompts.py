@@ -9,7 +9,7 @@ from PIL import Image
 from fc_pipeline.evaluation.prompt_consistency import PromptConsistency, strip_markers
 from fc_pipeline.evaluation.prompts import PromptTemplate, benchmark_cases, load_prompt_set
 from fc_pipeline.evaluation.subjects import load_subjects
-from fc_pipeline.models import SUBJECT_MARKER
+from fc_pipeline.profiles import SUBJECT_MARKER
 
 CATEGORIES = {"re-contextualisation", "stylisation", "accessorisation", "actions"}
 

@@ -12,13 +12,28 @@ from fc_pipeline.evaluation.runner import EvaluationConfig, run_evaluation
 
 
 def _row(**changes):
-    row = dict(checkpoint="a", setting="multi", method="FastComposer", alpha=0.7, identity=0.5, identity_hungarian=0.6,
-               prompt_consistency=20.0, n_faces=2, margin=0.2, seconds_per_image=1.0, peak_memory_mb=100.0)
+    row = dict(
+        checkpoint="a",
+        setting="multi",
+        method="FastComposer",
+        alpha=0.7,
+        identity=0.5,
+        identity_hungarian=0.6,
+        prompt_consistency=20.0,
+        n_faces=2,
+        margin=0.2,
+        seconds_per_image=1.0,
+        peak_memory_mb=100.0,
+    )
     return {**row, **changes}
 
 
 def test_summary_numbers():
-    rows = [_row(), _row(identity=0.3, margin=-0.1, n_faces=0, peak_memory_mb=300.0), _row(alpha=0.0, method="text-only SD")]
+    rows = [
+        _row(),
+        _row(identity=0.3, margin=-0.1, n_faces=0, peak_memory_mb=300.0),
+        _row(alpha=0.0, method="text-only SD"),
+    ]
     summary = summarise(rows)
     assert [r["alpha"] for r in summary] == [0.0, 0.7]
     main = summary[1]
@@ -36,7 +51,9 @@ def test_summary_numbers():
 
 def test_markdown_tables_round_trip():
     rows = [{"prompt": "a | b", "score": 0.5, "missing": None}]
-    assert parse_markdown_table("# title\n\n" + markdown_table(rows)) == [{"prompt": "a | b", "score": "0.5", "missing": "–"}]
+    assert parse_markdown_table("# title\n\n" + markdown_table(rows)) == [
+        {"prompt": "a | b", "score": "0.5", "missing": "–"}
+    ]
 
 
 def test_config_validation():
@@ -49,18 +66,39 @@ def test_config_validation():
 @pytest.fixture(scope="module")
 def evaluation(tiny_pipeline, demo_subjects, face_scorer, prompt_scorer, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
-    config = EvaluationConfig(prompt_sets=("single", "multi"), images_per_prompt=1, alphas=(1.0,),
-                              num_inference_steps=1, guidance_scale=1.0, height=32, width=32, max_prompts=1)
+    config = EvaluationConfig(
+        prompt_sets=("single", "multi"),
+        images_per_prompt=1,
+        alphas=(1.0,),
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        height=32,
+        width=32,
+        max_prompts=1,
+    )
     # Two labels for the same model: a checkpoint comparison whose deltas must be exactly zero.
-    result = run_evaluation({"ckpt_a": tiny_pipeline, "ckpt_b": tiny_pipeline}, demo_subjects, out, config,
-                            faces=face_scorer, prompt_scorer=prompt_scorer)
+    result = run_evaluation(
+        {"ckpt_a": tiny_pipeline, "ckpt_b": tiny_pipeline},
+        demo_subjects,
+        out,
+        config,
+        faces=face_scorer,
+        prompt_scorer=prompt_scorer,
+    )
     return out, result
 
 
 def test_report_files_exist_and_tables_parse(evaluation):
     out, result = evaluation
-    for name in ("scores.parquet", "summary.json", "report.md", "report.html", "alpha_sweep.png",
-                 "grids/ckpt_a.png", "grids/ckpt_b.png"):
+    for name in (
+        "scores.parquet",
+        "summary.json",
+        "report.md",
+        "report.html",
+        "alpha_sweep.png",
+        "grids/ckpt_a.png",
+        "grids/ckpt_b.png",
+    ):
         assert (out / name).is_file(), name
     assert len(list((out / "attention" / "ckpt_a").glob("*.png"))) == 1  # the one multi-subject case
     scores = pq.read_table(out / "scores.parquet").to_pylist()
@@ -82,7 +120,7 @@ def test_report_files_exist_and_tables_parse(evaluation):
     assert len(compared) == 4 and all(float(r["Δ prompt_consistency"]) == 0 for r in compared)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5  # sweep, 2 grids, 2 attention figures
-    assert "src=\"http" not in html and "grids/" not in html  # self-contained
+    assert 'src="http' not in html and "grids/" not in html  # self-contained
     saved = json.loads((out / "summary.json").read_text())
     assert saved["summary"] == result["summary"] and set(saved["headline"]) == {"single", "multi"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fc_pipeline.models import clip_tokenizer, get_profile
+from fc_pipeline.profiles import clip_tokenizer, get_profile
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +77,14 @@ def write_synthetic_shards(directory, n_samples: int = 8, per_shard: int = 4, si
                 jpg, png = io.BytesIO(), io.BytesIO()
                 Image.fromarray(image).save(jpg, format="JPEG", quality=95)
                 Image.fromarray(seg).save(png, format="PNG")
-                sink.write({"__key__": f"{number:016x}", "jpg": jpg.getvalue(), "json": json.dumps(meta).encode(), "seg.png": png.getvalue()})
+                sink.write(
+                    {
+                        "__key__": f"{number:016x}",
+                        "jpg": jpg.getvalue(),
+                        "json": json.dumps(meta).encode(),
+                        "seg.png": png.getvalue(),
+                    }
+                )
     return Path(directory)
 
 

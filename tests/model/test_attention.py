@@ -4,7 +4,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from fc_pipeline.model.attention import SubjectAttentionProcessor, install_attention_capture
 from fc_pipeline.model.losses import localization_loss_over_layers
-from fc_pipeline.models import TINY_LOCALIZATION_LAYERS
+from fc_pipeline.profiles import TINY_LOCALIZATION_LAYERS
 
 
 def _inputs(seed=0, batch=2):
@@ -63,12 +63,14 @@ def test_loss_is_independent_of_other_layers_backend_and_has_gradients(component
     hooked_grad = unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_q.weight.grad.clone()
     other_grad = unet.down_blocks[0].resnets[0].conv1.weight.grad
     assert hooked_grad.abs().sum() > 0 and other_grad.abs().sum() > 0  # flows through the maps into the UNet
-    for name, module in unet.named_modules():
+    for _name, module in unet.named_modules():
         if hasattr(module, "set_processor") and not isinstance(module.processor, SubjectAttentionProcessor):
             module.set_processor(AttnProcessor())
     classic = loss_value()
     assert classic.item() == pytest.approx(sdpa.item(), abs=1e-6)
-    assert torch.allclose(unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_q.weight.grad, hooked_grad, atol=1e-6)
+    assert torch.allclose(
+        unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_q.weight.grad, hooked_grad, atol=1e-6
+    )
 
 
 def test_batch_mismatch_and_unknown_layers_raise(components):

@@ -5,7 +5,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from fc_pipeline.model.components import build_component, load_components, set_trainable
 from fc_pipeline.model.fuser import SubjectFuser
-from fc_pipeline.models import PAPER_LOCALIZATION_LAYERS, TINY_LOCALIZATION_LAYERS, paper_config
+from fc_pipeline.profiles import PAPER_LOCALIZATION_LAYERS, TINY_LOCALIZATION_LAYERS, paper_config
 
 
 def test_tiny_components_are_the_real_classes_and_deterministic(components):

@@ -38,7 +38,9 @@ def test_localization_loss_equals_hand_computed_value():
 
 def test_localization_loss_without_valid_subjects_is_zero_and_differentiable():
     probs = torch.rand(2, 2, 16, 5, requires_grad=True)
-    loss = localization_loss(probs, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, 8, 8), torch.zeros(2, 1, dtype=torch.bool))
+    loss = localization_loss(
+        probs, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, 8, 8), torch.zeros(2, 1, dtype=torch.bool)
+    )
     assert loss.item() == 0.0
     loss.backward()
     assert probs.grad is not None

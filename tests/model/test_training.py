@@ -8,9 +8,9 @@ import torch
 from fc_pipeline.model.attention import SubjectAttentionProcessor, install_attention_capture
 from fc_pipeline.model.components import load_components, set_trainable
 from fc_pipeline.model.objective import compute_losses
-from fc_pipeline.models import TINY_LOCALIZATION_LAYERS
+from fc_pipeline.profiles import TINY_LOCALIZATION_LAYERS
 from fc_pipeline.storage import write_json
-from fc_pipeline.train import TrainConfig, list_checkpoints, train, train_shard_urls
+from fc_pipeline.training.train import TrainConfig, list_checkpoints, train, train_shard_urls
 
 
 def _config(shards, out, **overrides):
@@ -20,7 +20,7 @@ def _config(shards, out, **overrides):
 
 def _batch(synthetic_shards, tokenizer, n=2):
     from fc_pipeline.data.shards import shard_urls
-    from fc_pipeline.data.training_samples import SamplingConfig, TrainingSamples, collate_samples
+    from fc_pipeline.training.samples import SamplingConfig, TrainingSamples, collate_samples
 
     config = SamplingConfig(resolution=32, unconditional_prob=0, text_only_prob=0, subject_drop_prob=0)
     stream = iter(TrainingSamples(shard_urls(synthetic_shards, "train"), tokenizer, config))
@@ -35,12 +35,20 @@ def test_shards_of_several_datasets_join_in_the_given_order(synthetic_shards, tm
     loaded = TrainConfig.from_json(write_json(dataclasses.asdict(config), tmp_path / "cfg.json"))
     assert loaded == config and loaded.shards == [str(other), str(synthetic_shards)]
     train_dir = synthetic_shards / "train"
-    assert train_shard_urls(loaded.shards) == [str(other / "train" / "00000.tar"), str(train_dir / "00000.tar"), str(train_dir / "00001.tar")]
+    assert train_shard_urls(loaded.shards) == [
+        str(other / "train" / "00000.tar"),
+        str(train_dir / "00000.tar"),
+        str(train_dir / "00001.tar"),
+    ]
     assert train_shard_urls(str(synthetic_shards)) == [str(train_dir / "00000.tar"), str(train_dir / "00001.tar")]
     assert train_shard_urls(str(train_dir / "00001.tar")) == [str(train_dir / "00001.tar")]
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no training shards under .*/empty/train, .*/missing/train") as error:
-        train(TrainConfig.tiny([str(synthetic_shards), str(tmp_path / "empty"), str(tmp_path / "missing")], str(tmp_path / "run")))
+        train(
+            TrainConfig.tiny(
+                [str(synthetic_shards), str(tmp_path / "empty"), str(tmp_path / "missing")], str(tmp_path / "run")
+            )
+        )
     assert str(synthetic_shards) not in str(error.value)
     with pytest.raises(ValueError, match="no training dataset"):
         train_shard_urls([])
@@ -48,7 +56,10 @@ def test_shards_of_several_datasets_join_in_the_given_order(synthetic_shards, tm
 
 def test_kill_and_resume_continues_from_the_saved_step(synthetic_shards, tmp_path):
     full = train(_config(synthetic_shards, tmp_path / "full"))
-    assert full.steps == 3 and [c.name for c in list_checkpoints(tmp_path / "full")] == ["checkpoint-0000002", "checkpoint-0000003"]
+    assert full.steps == 3 and [c.name for c in list_checkpoints(tmp_path / "full")] == [
+        "checkpoint-0000002",
+        "checkpoint-0000003",
+    ]
     # a run stopped after its step-2 checkpoint, then relaunched with the full budget
     stopped = train(_config(synthetic_shards, tmp_path / "resumed", max_steps=2, keep_checkpoints=1))
     assert stopped.steps == 2
@@ -58,7 +69,9 @@ def test_kill_and_resume_continues_from_the_saved_step(synthetic_shards, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for a, b in zip(full.history, rows):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["l_loc"] == pytest.approx(a["l_loc"], rel=1e-4, abs=1e-8)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["l_loc"] == pytest.approx(
+            a["l_loc"], rel=1e-4, abs=1e-8
+        )
     a = load_components("tiny", pretrained=full.checkpoint)
     b = load_components("tiny", pretrained=resumed.checkpoint)
     for name in ("unet", "fuser", "image_encoder"):
@@ -71,7 +84,11 @@ def test_kill_and_resume_continues_from_the_saved_step(synthetic_shards, tmp_pat
         assert all(torch.equal(p, q) for p, q in zip(fresh[name].parameters(), a[name].parameters())), name
     vision, trained_vision = fresh["image_encoder"], a["image_encoder"]
     frozen = [vision.vision_model.embeddings, *vision.vision_model.encoder.layers[:-2], vision.visual_projection]
-    trained_frozen = [trained_vision.vision_model.embeddings, *trained_vision.vision_model.encoder.layers[:-2], trained_vision.visual_projection]
+    trained_frozen = [
+        trained_vision.vision_model.embeddings,
+        *trained_vision.vision_model.encoder.layers[:-2],
+        trained_vision.visual_projection,
+    ]
     for m, n in zip(frozen, trained_frozen):
         assert all(torch.equal(p, q) for p, q in zip(m.parameters(), n.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(fresh["unet"].parameters(), a["unet"].parameters()))
@@ -129,13 +146,15 @@ def test_lambda_zero_turns_the_localization_term_off(synthetic_shards, tokenizer
     plain, grads_plain = gradients(0.0, with_capture=False)
     on, grads_on = gradients(1.0, with_capture=True)
     assert off["l_loc"].item() == 0.0 and torch.equal(off["loss"], off["l_noise"])
-    assert on["l_loc"].item() != 0.0 and on["loss"].item() == pytest.approx(on["l_noise"].item() + on["l_loc"].item(), rel=1e-6)
+    assert on["l_loc"].item() != 0.0 and on["loss"].item() == pytest.approx(
+        on["l_noise"].item() + on["l_loc"].item(), rel=1e-6
+    )
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_off, grads_plain))
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_on, grads_plain))
 
 
 def test_training_with_lambda_zero_keeps_sdpa_everywhere(synthetic_shards, tmp_path, monkeypatch):
-    import fc_pipeline.train as training
+    import fc_pipeline.training.train as training
 
     installed = []
     monkeypatch.setattr("fc_pipeline.model.attention.install_attention_capture", lambda *a, **k: installed.append(a))
@@ -163,4 +182,3 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(synthetic_sh
     (plain, plain_grads), (checkpointed, checkpointed_grads) = run(False), run(True)
     assert checkpointed["l_loc"].item() == pytest.approx(plain["l_loc"].item(), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, checkpointed_grads))
-

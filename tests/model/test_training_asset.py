@@ -8,10 +8,10 @@ import sys
 import dagster as dg
 import pytest
 
-from assets.resources import DatasetStore
 from assets.partitions import corpus_partitions
+from assets.resources import DatasetStore
 from assets.training import ASSET_ONLY, TrainingConfig, fastcomposer_checkpoint
-from fc_pipeline.train import TrainConfig
+from fc_pipeline.training.train import TrainConfig
 
 # a handful of steps at 32 px: the run exercises the whole path, not the model's quality
 QUICK = dict(resolution=32, train_batch_size=2, max_steps=2, checkpoint_every=2)
@@ -19,11 +19,22 @@ QUICK = dict(resolution=32, train_batch_size=2, max_steps=2, checkpoint_every=2)
 
 def test_asset_config_covers_the_training_options():
     library_only = {"shards", "output_dir", "progress"}
-    assert set(TrainingConfig.model_fields) - set(ASSET_ONLY) == {f.name for f in dataclasses.fields(TrainConfig)} - library_only
+    assert (
+        set(TrainingConfig.model_fields) - set(ASSET_ONLY)
+        == {f.name for f in dataclasses.fields(TrainConfig)} - library_only
+    )
     # no config: the CPU demo preset of the library
     preset = TrainConfig.tiny("s", "o")
     defaults = TrainingConfig()
-    for name in ("profile", "resolution", "train_batch_size", "max_steps", "checkpoint_every", "learning_rate", "localization_weight"):
+    for name in (
+        "profile",
+        "resolution",
+        "train_batch_size",
+        "max_steps",
+        "checkpoint_every",
+        "learning_rate",
+        "localization_weight",
+    ):
         assert getattr(defaults, name) == getattr(preset, name), name
 
 
@@ -83,9 +94,27 @@ def test_cli_train_writes_a_checkpoint(synthetic_shards, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(dataclasses.asdict(TrainConfig.tiny("elsewhere", "elsewhere", progress=False, **QUICK))))
-    command = [sys.executable, "-m", "fc_pipeline.cli", "train", "--config", str(cfg), "--shards", str(synthetic_shards),
-               "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--localization-weight", "0.01"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "fc_pipeline.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--shards",
+        str(synthetic_shards),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--localization-weight",
+        "0.01",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"checkpoint: {out / 'checkpoint-0000001'}" in done.stdout
     summary = json.loads((out / "metrics.json").read_text())
@@ -93,5 +122,7 @@ def test_cli_train_writes_a_checkpoint(synthetic_shards, tmp_path):
     config = json.loads((out / "checkpoint-0000001" / "training_state" / "trainer_state.json").read_text())["config"]
     assert config["localization_weight"] == 0.01 and config["train_batch_size"] == 1 and config["resolution"] == 32
 
-    missing = subprocess.run([sys.executable, "-m", "fc_pipeline.cli", "train", "--out", str(out)], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "fc_pipeline.cli", "train", "--out", str(out)], capture_output=True, text=True
+    )
     assert missing.returncode != 0 and "--shards" in missing.stderr

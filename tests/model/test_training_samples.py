@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fc_pipeline.data.training_samples import (
+from fc_pipeline.data.shards import shard_urls
+from fc_pipeline.training.samples import (
     DataPosition,
     SamplingConfig,
     TrainingSamples,
@@ -11,7 +12,6 @@ from fc_pipeline.data.training_samples import (
     draw_conditioning,
     prepare_sample,
 )
-from fc_pipeline.data.shards import shard_urls
 
 
 def _sample(n_subjects=2, width=96, height=64):
@@ -49,7 +49,9 @@ def test_prepared_sample_contents(tokenizer):
     sample = _sample()
     out = prepare_sample(sample, tokenizer, config, np.random.default_rng(1))
     assert out["regime"] == "subjects"
-    assert out["pixel_values"].shape == (3, 64, 64) and -1 <= out["pixel_values"].min() <= out["pixel_values"].max() <= 1
+    assert (
+        out["pixel_values"].shape == (3, 64, 64) and -1 <= out["pixel_values"].min() <= out["pixel_values"].max() <= 1
+    )
     assert out["subject_pixel_values"].shape == (4, 3, 224, 224)
     assert out["subject_valid"].tolist() == [True, True, False, False]
     tokens = tokenizer.convert_ids_to_tokens(out["input_ids"].tolist())
@@ -75,7 +77,12 @@ def test_regimes_and_max_subjects(tokenizer):
     assert out["regime"] == "unconditional" and not out["subject_valid"].any()
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     assert torch.equal(out["input_ids"], empty)
-    text_only = prepare_sample(sample, tokenizer, SamplingConfig(resolution=64, unconditional_prob=0, text_only_prob=1.0), np.random.default_rng(0))
+    text_only = prepare_sample(
+        sample,
+        tokenizer,
+        SamplingConfig(resolution=64, unconditional_prob=0, text_only_prob=1.0),
+        np.random.default_rng(0),
+    )
     assert text_only["regime"] == "text_only" and not text_only["subject_valid"].any()
     assert not torch.equal(text_only["input_ids"], empty)
     full = SamplingConfig(resolution=64, max_subjects=4, unconditional_prob=0, text_only_prob=0, subject_drop_prob=0)

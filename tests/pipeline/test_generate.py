@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fc_pipeline.cli import main
-from fc_pipeline.generation import GenerationJob, overlay_attention_maps
+from fc_pipeline.cli.generation import GenerationJob, overlay_attention_maps
 
 PROMPT = "a man <|image|> and a woman <|image|> on the beach"
 
@@ -28,24 +28,50 @@ def checkpoint(pipe, tmp_path_factory):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "fc_pipeline.cli", "generate", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fc_pipeline.cli", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_jobs_file_in_a_subprocess(pipe, checkpoint, subject_paths, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     lines = [
-        {"prompt": PROMPT, "subjects": [str(p) for p in subject_paths], "seed": 3, "out": "out/duo.png", "save_attention": True},
+        {
+            "prompt": PROMPT,
+            "subjects": [str(p) for p in subject_paths],
+            "seed": 3,
+            "out": "out/duo.png",
+            "save_attention": True,
+        },
         {"prompt": "a dog in the snow", "out": "out/dog.jpg", "num_images": 2, "alpha": 0.6},
     ]
     jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
-    result = run_cli("--checkpoint", str(checkpoint), "--jobs", str(jobs), "--steps", "2", "--height", "32", "--width", "32")
+    result = run_cli(
+        "--checkpoint", str(checkpoint), "--jobs", str(jobs), "--steps", "2", "--height", "32", "--width", "32"
+    )
     assert result.returncode == 0, result.stderr
     assert "[1/2] wrote" in result.stdout and "[2/2] wrote" in result.stdout
 
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["dog_0.jpg", "dog_1.jpg", "duo.attention.npy", "duo.attention.png", "duo.png"]
-    expected = pipe(PROMPT, subject_images=subject_paths, num_inference_steps=2, height=32, width=32,
-                    generator=torch.Generator().manual_seed(3)).images[0]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dog_0.jpg",
+        "dog_1.jpg",
+        "duo.attention.npy",
+        "duo.attention.png",
+        "duo.png",
+    ]
+    expected = pipe(
+        PROMPT,
+        subject_images=subject_paths,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]
     assert np.array_equal(np.asarray(PIL.Image.open(out / "duo.png")), np.asarray(expected))
     assert np.load(out / "duo.attention.npy", allow_pickle=False).shape == (2, 16, 16)
     assert PIL.Image.open(out / "duo.attention.png").size == (96, 32)

@@ -18,8 +18,8 @@ from diffusers import (
 
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.model.components import build_component, load_components
-from fc_pipeline.models import PAPER_LOCALIZATION_LAYERS, TINY_LOCALIZATION_LAYERS, paper_config
 from fc_pipeline.pipeline import FastComposerPipeline, localization_layers, subject_conditioning_start
+from fc_pipeline.profiles import PAPER_LOCALIZATION_LAYERS, TINY_LOCALIZATION_LAYERS, paper_config
 
 PROMPT = "a man <|image|> and a woman <|image|> on the beach"
 TEXT = "a man and a woman on the beach"
@@ -51,8 +51,15 @@ class EmbeddingRecorder:
     "kwargs",
     [
         dict(prompt=TEXT, num_inference_steps=4),
-        dict(prompt=[TEXT, "a dog"], negative_prompt=["blurry", "dark"], num_images_per_prompt=2, num_inference_steps=2,
-             guidance_rescale=0.7, height=32, width=32),  # fmt: skip
+        dict(
+            prompt=[TEXT, "a dog"],
+            negative_prompt=["blurry", "dark"],
+            num_images_per_prompt=2,
+            num_inference_steps=2,
+            guidance_rescale=0.7,
+            height=32,
+            width=32,
+        ),
         dict(prompt=TEXT, guidance_scale=1.0, num_inference_steps=4, height=48, width=32),
     ],
     ids=["default", "batch-negative-rescale", "no-guidance-48x32"],
@@ -82,7 +89,9 @@ def test_subject_conditioning_start(alpha, steps, start):
     assert subject_conditioning_start(steps, alpha) == start
 
 
-@pytest.mark.parametrize(("alpha", "steps", "start"), [(0.7, 10, 3), (0.5, 5, 2), (0.6, 7, 3), (1.0, 3, 0), (0.0, 3, 3)])
+@pytest.mark.parametrize(
+    ("alpha", "steps", "start"), [(0.7, 10, 3), (0.5, 5, 2), (0.6, 7, 3), (1.0, 3, 0), (0.0, 3, 3)]
+)
 def test_each_step_gets_the_right_embedding(pipe, subject_paths, alpha, steps, start):
     call = dict(subject_images=subject_paths, num_inference_steps=steps, height=16, width=16, output_type="latent")
     with EmbeddingRecorder(pipe.unet) as text_only:
@@ -110,8 +119,17 @@ def test_subjects_change_the_latents_only_from_the_switch_step_on(pipe, subject_
             recorded.append(tensors["latents"].clone())
             return {}
 
-        pipe(PROMPT, subject_images=subject_paths, alpha=alpha, num_inference_steps=6, height=16, width=16,
-             output_type="latent", generator=seeded(), callback_on_step_end=keep)  # fmt: skip
+        pipe(
+            PROMPT,
+            subject_images=subject_paths,
+            alpha=alpha,
+            num_inference_steps=6,
+            height=16,
+            width=16,
+            output_type="latent",
+            generator=seeded(),
+            callback_on_step_end=keep,
+        )
         return recorded
 
     text_only, delayed = latents_per_step(0.0), latents_per_step(0.5)
@@ -127,14 +145,22 @@ def test_subject_images_any_mode_size_and_source(pipe, subject_paths):
     call = dict(subject_images=None, num_inference_steps=2, height=16, width=16, output_type="latent")
     from_path = pipe("a man <|image|>", **{**call, "subject_images": [subject_paths[0]]}, generator=seeded()).images
     from_pil = pipe("a man <|image|>", **{**call, "subject_images": [photo]}, generator=seeded()).images
-    from_bytes = pipe("a man <|image|>", **{**call, "subject_images": subject_paths[0].read_bytes()}, generator=seeded()).images
+    from_bytes = pipe(
+        "a man <|image|>", **{**call, "subject_images": subject_paths[0].read_bytes()}, generator=seeded()
+    ).images
     assert torch.equal(from_path, from_pil) and torch.equal(from_path, from_bytes)
 
     small = photo.resize((37, 91))
     buffer = io.BytesIO()
     photo.convert("RGBA").save(buffer, format="PNG")
-    odd = [small.convert("RGBA"), small.convert("L"), small.convert("P"), small.convert("CMYK"),
-           PIL.Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257)), buffer.getvalue()]  # fmt: skip
+    odd = [
+        small.convert("RGBA"),
+        small.convert("L"),
+        small.convert("P"),
+        small.convert("CMYK"),
+        PIL.Image.fromarray(np.asarray(small.convert("L"), dtype=np.uint16) * 257),
+        buffer.getvalue(),
+    ]
     for image in odd:
         latents = pipe("a man <|image|>", **{**call, "subject_images": [image]}, generator=seeded()).images
         assert torch.isfinite(latents).all()
@@ -168,8 +194,15 @@ def test_attention_capture_is_removed_even_on_error(pipe, subject_paths):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        pipe(PROMPT, subject_images=subject_paths, num_inference_steps=2, height=16, width=16,
-             return_attention_maps=True, callback_on_step_end=fail)  # fmt: skip
+        pipe(
+            PROMPT,
+            subject_images=subject_paths,
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            return_attention_maps=True,
+            callback_on_step_end=fail,
+        )
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
 
 
@@ -188,7 +221,9 @@ def test_save_load_round_trip_gives_identical_images(pipe, subject_paths, tmp_pa
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     loaded = FastComposerPipeline.from_pretrained(tmp_path / "ckpt")
     loaded.set_progress_bar_config(disable=True)
-    call = dict(prompt=PROMPT, subject_images=subject_paths, num_inference_steps=3, output_type="np", return_attention_maps=True)
+    call = dict(
+        prompt=PROMPT, subject_images=subject_paths, num_inference_steps=3, output_type="np", return_attention_maps=True
+    )
     a, b = pipe(**call, generator=seeded()), loaded(**call, generator=seeded())
     assert np.abs(a.images - b.images).max() == 0.0
     assert all(np.array_equal(x, y) for x, y in zip(a.attention_maps, b.attention_maps))
@@ -250,7 +285,14 @@ def test_from_components_names_what_is_missing(components):
 def test_pipeline_moves_to_another_dtype(subject_paths):
     pipe = FastComposerPipeline.from_components(load_components("tiny")).to(dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, subject_images=subject_paths, num_inference_steps=2, height=16, width=16, output_type="np",
-               return_attention_maps=True)  # fmt: skip
+    out = pipe(
+        PROMPT,
+        subject_images=subject_paths,
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="np",
+        return_attention_maps=True,
+    )
     assert pipe.fuser.dtype == pipe.unet.dtype == torch.bfloat16
     assert np.isfinite(out.images).all() and out.attention_maps[0].dtype == np.float32

@@ -21,7 +21,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from fc_pipeline.demo import run_demo
+    from assets.demo_run import run_demo
 
     summary = run_demo(args.data_root, args.dagster_home, demo_images=args.images, selection=args.select)
     print(summary.describe())
@@ -36,7 +36,7 @@ def _add_instance(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_instance(args: argparse.Namespace) -> int:
-    from fc_pipeline.instance import prepare_dagster_home
+    from assets.instance import prepare_dagster_home
 
     print(prepare_dagster_home(args.dagster_home))
     return 0
@@ -45,8 +45,11 @@ def _run_instance(args: argparse.Namespace) -> int:
 # --- corpus ---
 def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("corpus", help="the registered corpora (Dagster `corpus` partitions) of an instance")
-    p.add_argument("action", choices=("add", "list", "failed"),
-                   help="add NAME...: register corpora; list: all; failed: those whose last dataset build failed")
+    p.add_argument(
+        "action",
+        choices=("add", "list", "failed"),
+        help="add NAME...: register corpora; list: all; failed: those whose last dataset build failed",
+    )
     p.add_argument("names", nargs="*", help="corpus names (for add)")
     p.add_argument("--dagster-home", help="instance directory (default: $DAGSTER_HOME or <repo>/.dagster_home)")
     p.add_argument("--sep", default=",", help="separator of the printed names (default ',' as `--partitions` takes)")
@@ -54,7 +57,7 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_corpus(args: argparse.Namespace) -> int:
-    from fc_pipeline.instance import failed_corpora, register_corpora, registered_corpora
+    from assets.instance import failed_corpora, register_corpora, registered_corpora
 
     if args.action == "add":
         if not args.names:
@@ -129,27 +132,38 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a FastComposer checkpoint from webdataset shards",
         description="Train (or resume) FastComposer. Options given on the command line override --config / --preset; "
-        "the rest are the paper's defaults. Several GPUs: accelerate launch -m fc_pipeline.train --config cfg.json",
+        "the rest are the paper's defaults. "
+        "Several GPUs: accelerate launch -m fc_pipeline.training.train --config cfg.json",
     )
-    p.add_argument("--config", metavar="JSON", help="a JSON file of fc_pipeline.train.TrainConfig fields")
-    p.add_argument("--shards", metavar="DIR", nargs="+",
-                   help="dataset directories with train/*.tar (or .tar URLs); several train on all of them")
+    p.add_argument("--config", metavar="JSON", help="a JSON file of fc_pipeline.training.train.TrainConfig fields")
+    p.add_argument(
+        "--shards",
+        metavar="DIR",
+        nargs="+",
+        help="dataset directories with train/*.tar (or .tar URLs); several train on all of them",
+    )
     p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, metrics.jsonl, metrics.json")
     p.add_argument("--preset", choices=["tiny"], help="tiny: the CPU demo (tiny profile, 64 px, batch 4, 30 steps)")
     p.add_argument("--profile", choices=["tiny", "paper"], help="model profile (default: paper, or the preset's)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (paper 150000)")
-    p.add_argument("--batch-size", type=int, dest="train_batch_size", metavar="N", help="per-process batch size (paper 16)")
+    p.add_argument(
+        "--batch-size", type=int, dest="train_batch_size", metavar="N", help="per-process batch size (paper 16)"
+    )
     p.add_argument("--lr", type=float, dest="learning_rate", metavar="LR", help="AdamW learning rate (paper 1e-5)")
     p.add_argument("--localization-weight", type=float, metavar="λ", help="λ of L_loc (paper 0.001; 0 turns it off)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="resume from the newest checkpoint in --out (default: yes)")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="resume from the newest checkpoint in --out (default: yes)",
+    )
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from fc_pipeline.train import TrainConfig, train
+    from fc_pipeline.training.train import TrainConfig, train
 
     names = ("shards", "profile", "max_steps", "train_batch_size", "learning_rate", "localization_weight", "resume")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -184,17 +198,33 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         epilog='example: fc-pipeline generate --checkpoint ckpt --prompt "a man <|image|> and a woman <|image|> '
         'on the beach" --subject a.jpg --subject b.jpg --alpha 0.7 --steps 50 --seed 0 --out out.png\n'
         "batch: fc-pipeline generate --checkpoint ckpt --jobs jobs.jsonl   (one JSON object per line with "
-        "prompt, out (both required), subjects, seed, alpha, steps, guidance_scale, negative_prompt, num_images, height, width, "
+        "prompt, out (both required), subjects, seed, alpha, steps, guidance_scale, negative_prompt, "
+        "num_images, height, width, "
         "save_attention; missing fields take the command-line values, paths are relative to the jsonl file)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (FastComposerPipeline.save_pretrained)")
+    p.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="checkpoint directory (FastComposerPipeline.save_pretrained)"
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help='the prompt, e.g. "a man <|image|> and a woman <|image|> on the beach"')
     what.add_argument("--jobs", metavar="JSONL", help="a jsonl file of jobs to run with one loaded model")
-    p.add_argument("--subject", action="append", default=[], metavar="IMAGE", help="reference photo of the next subject (repeat per marker)")
-    p.add_argument("--out", default="out.png", help="output image (.png/.jpg/.webp; several images get _0, _1, ...) [%(default)s]")
-    p.add_argument("--alpha", type=float, default=0.7, help="fraction of the steps, at the end, conditioned on the subjects [%(default)s]")
+    p.add_argument(
+        "--subject",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="reference photo of the next subject (repeat per marker)",
+    )
+    p.add_argument(
+        "--out", default="out.png", help="output image (.png/.jpg/.webp; several images get _0, _1, ...) [%(default)s]"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.7,
+        help="fraction of the steps, at the end, conditioned on the subjects [%(default)s]",
+    )
     p.add_argument("--steps", type=int, default=50, help="denoising steps [%(default)s]")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale [%(default)s]")
     p.add_argument("--negative-prompt", default=None, help="what the image should not show")
@@ -203,21 +233,33 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's resolution)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's resolution)")
     p.add_argument("--device", default=None, help="torch device [cuda if available, else cpu]")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype [%(default)s]")
-    p.add_argument("--save-attention", action="store_true", help="also write <out>.attention.png/.npy: the subject tokens' attention maps")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype [%(default)s]"
+    )
+    p.add_argument(
+        "--save-attention",
+        action="store_true",
+        help="also write <out>.attention.png/.npy: the subject tokens' attention maps",
+    )
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from fc_pipeline.generation import JobError, load_pipeline, load_subject_images, make_job, read_jobs, run_job
+    from fc_pipeline.cli.generation import JobError, load_pipeline, load_subject_images, make_job, read_jobs, run_job
 
     settings = dict(
-        seed=args.seed, alpha=args.alpha, steps=args.steps, guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt, num_images=args.num_images, height=args.height,
-        width=args.width, save_attention=args.save_attention,
-    )  # fmt: skip
+        seed=args.seed,
+        alpha=args.alpha,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        height=args.height,
+        width=args.width,
+        save_attention=args.save_attention,
+    )
     try:
         if args.jobs:
             if args.subject:
@@ -240,14 +282,27 @@ def _run_generate(args: argparse.Namespace) -> int:
 # --- evaluate ---
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="identity preservation and prompt consistency of a checkpoint")
-    p.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
-                   help="checkpoint directory; repeat to compare checkpoints (e.g. with and without L_loc)")
-    p.add_argument("--subjects", metavar="DIR", help="one sub-folder of reference photos per identity "
-                   "(default: a two-identity set from package-bundled photos)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="checkpoint directory; repeat to compare checkpoints (e.g. with and without L_loc)",
+    )
+    p.add_argument(
+        "--subjects",
+        metavar="DIR",
+        help="one sub-folder of reference photos per identity "
+        "(default: a two-identity set from package-bundled photos)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="report directory")
     p.add_argument("--multi", action="store_true", help="two-subject prompts over all pairs of subjects")
-    p.add_argument("--prompt-set", action="append", metavar="NAME|FILE",
-                   help="single, multi or a JSON prompt set; repeatable (overrides --multi)")
+    p.add_argument(
+        "--prompt-set",
+        action="append",
+        metavar="NAME|FILE",
+        help="single, multi or a JSON prompt set; repeatable (overrides --multi)",
+    )
     p.add_argument("--alpha", type=float, nargs="+", default=[0.7], help="delayed-conditioning ratios (default 0.7)")
     p.add_argument("--alpha-sweep", action="store_true", help="the paper's sweep: α = 0, 0.2, ..., 1")
     p.add_argument("--no-baseline", action="store_true", help="skip the text-only SD row (α = 0)")
@@ -290,13 +345,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     )
     subjects = args.subjects or write_demo_subjects(Path(args.out) / "demo_subjects")
     try:
-        result = run_evaluation(dict(zip(labels, args.checkpoint)), subjects, args.out, config,
-                                profile=args.profile, device=args.device, progress=print)
+        result = run_evaluation(
+            dict(zip(labels, args.checkpoint)),
+            subjects,
+            args.out,
+            config,
+            profile=args.profile,
+            device=args.device,
+            progress=print,
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"evaluate: {exc}") from None
     for setting, metrics in result["headline"].items():
-        print(f"{setting}: identity {metrics['identity_pct']} %, prompt consistency {metrics['prompt_consistency']} "
-              f"(α = {result['main_alpha']})")
+        print(
+            f"{setting}: identity {metrics['identity_pct']} %, prompt consistency {metrics['prompt_consistency']} "
+            f"(α = {result['main_alpha']})"
+        )
     print(f"report: {result['paths']['html']}")
     return 0
 
@@ -317,7 +381,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fc-pipeline`` console script."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

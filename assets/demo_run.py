@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fc_pipeline.data.demo import DEMO_CORPUS
-from fc_pipeline.instance import prepare_dagster_home, register_corpora
+from fc_pipeline.data.demo_corpus import DEMO_CORPUS
+
+from .instance import prepare_dagster_home, register_corpora
 
 
 @dataclass
@@ -49,7 +50,9 @@ class DemoSummary:
             lines += [
                 f"  shards: {self.shards}",
                 f"  images in: {self.images_in}   samples out: {samples} "
-                + "(" + ", ".join(f"{split} {n}" for split, n in self.samples_out.items()) + ")",
+                + "("
+                + ", ".join(f"{split} {n}" for split, n in self.samples_out.items())
+                + ")",
                 f"  subjects per sample: {histogram or 'n/a'}",
                 f"  failures by reason: {json.dumps(self.failures_by_reason) if self.failures_by_reason else 'none'}",
             ]
@@ -95,7 +98,9 @@ def run_demo(
         )
     summary = summarize(result, home)
     if summary.checkpoint:
-        summary.generated = generate_demo_images(summary.checkpoint, Path(summary.checkpoint).parent / "demo_generation")
+        summary.generated = generate_demo_images(
+            summary.checkpoint, Path(summary.checkpoint).parent / "demo_generation"
+        )
     return summary
 
 
@@ -105,8 +110,8 @@ DEMO_PROMPT = "a woman <|image|> and a woman <|image|> walking on the beach"
 def generate_demo_images(checkpoint: str | Path, out_dir: Path) -> list[Path]:
     """Two subjects, one photo each, through the freshly trained checkpoint (paper §4.3), with
     the subject tokens' attention maps beside the image. Random tiny weights: the path is the point."""
+    from fc_pipeline.cli.generation import load_pipeline, load_subject_images, make_job, run_job
     from fc_pipeline.evaluation.subjects import load_subjects, write_demo_subjects
-    from fc_pipeline.generation import load_pipeline, load_subject_images, make_job, run_job
 
     subjects = load_subjects(write_demo_subjects(out_dir / "subjects"))
     pipeline = load_pipeline(checkpoint)

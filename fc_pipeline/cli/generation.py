@@ -77,7 +77,9 @@ def make_job(fields: dict[str, Any], base_dir: Path | None = None, where: str = 
         return path if path.is_absolute() or base_dir is None else base_dir / path
 
     try:
-        job = GenerationJob(**{**fields, "out": resolve(fields["out"]), "subjects": tuple(resolve(s) for s in subjects)})
+        job = GenerationJob(
+            **{**fields, "out": resolve(fields["out"]), "subjects": tuple(resolve(s) for s in subjects)}
+        )
     except TypeError as exc:
         raise JobError(f"{where}: {exc}") from None
     if job.out.suffix.lower() not in IMAGE_FORMATS:

@@ -15,7 +15,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DAGSTER_HOME = REPO_ROOT / ".dagster_home"
 CORPUS_PARTITIONS = "corpus"  # the dynamic partitions of the dataset assets (one per corpus)
 GPU_POOL = "gpu"  # the concurrency pool of every step that needs the accelerator
-DATASET_ASSETS = ("corpus_images", "captions", "panoptic_segments", "noun_phrases", "subject_matches", "training_shards")
+DATASET_ASSETS = (
+    "corpus_images",
+    "captions",
+    "panoptic_segments",
+    "noun_phrases",
+    "subject_matches",
+    "training_shards",
+)
 
 
 def dagster_home(path: str | Path | None = None) -> Path:

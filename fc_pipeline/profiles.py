@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class ModelProfile:
     facenet: str = "vggface2"
     tiny_configs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def override(self, **changes: Any) -> "ModelProfile":
+    def override(self, **changes: Any) -> ModelProfile:
         """A copy with some ids replaced; unknown names raise ``TypeError``."""
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
@@ -125,17 +125,31 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         image_size=32,
         num_query_tokens=4,
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         ),
         qformer_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, encoder_hidden_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
             vocab_size=128,
         ),
         text_config=dict(
-            model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-            word_embed_proj_dim=32, max_position_embeddings=128,
+            model_type="opt",
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
         ),
-    ),  # fmt: skip
+    ),
     # Mask2Former (Swin backbone) over a handful of COCO-panoptic labels; it returns no segment
     # at default thresholds (random weights), so tests/demo provide annotations.
     "segmenter": dict(
@@ -143,12 +157,24 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         longest_edge=128,
         labels=("person", "bicycle", "car", "dog", "chair", "sky-other-merged", "grass-merged", "wall-other-merged"),
         backbone_config=dict(
-            model_type="swin", image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+            model_type="swin",
+            image_size=64,
+            embed_dim=16,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=4,
             out_features=["stage1", "stage2", "stage3", "stage4"],
         ),
-        feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, dim_feedforward=64,
-        encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=8,
-    ),  # fmt: skip
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_queries=8,
+    ),
     # open_clip.CLIP(**config): a 32-wide ViT and text tower on the real 49408-token BPE.
     "matcher_clip": dict(
         embed_dim=32,
@@ -207,7 +233,7 @@ def sbert_path(profile: ModelProfile) -> str:
     return profile.sbert
 
 
-@lru_cache(maxsize=None)
+@cache
 def offline_clip_tokenizer_dir() -> Path:
     """A CLIP tokenizer directory built from the BPE vocabulary that open_clip bundles.
 

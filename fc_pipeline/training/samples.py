@@ -12,8 +12,9 @@ generator seeded by ``(seed, epoch, shard, sample)``), and resumable from a ``Da
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,9 +78,7 @@ def _resize_crop(image: Image.Image, size: int, resample: Image.Resampling) -> I
     return image.crop((left, top, left + size, top + size))
 
 
-def subject_reference(
-    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
-) -> torch.Tensor:
+def subject_reference(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
     """CLIP-normalised ``[3, size, size]`` reference: the mask's bounding box, background (and the
     padding to a square) replaced by uniform noise, so that at inference plain photos work."""
     rows, cols = np.nonzero(mask)
@@ -124,7 +123,9 @@ def prepare_sample(sample: dict, tokenizer, config: SamplingConfig, rng: np.rand
     caption = "" if regime == "unconditional" else meta["caption"]
     # a subject cropped away by the centre crop cannot be localised: treat it as dropped
     kept = [s for s, k in zip(candidates, keep) if k and (target_seg == s["segment_id"]).any()]
-    input_ids, token_index = subject_token_indices_from_spans(caption, [(s["start"], s["end"]) for s in kept], tokenizer)
+    input_ids, token_index = subject_token_indices_from_spans(
+        caption, [(s["start"], s["end"]) for s in kept], tokenizer
+    )
 
     slots, size, mask_size = config.max_subjects, config.reference_size, config.mask_size
     references = torch.zeros(slots, 3, size, size)

@@ -2,7 +2,7 @@
 
 Read top to bottom: config -> data -> model (fresh or resumed) -> optimiser -> loop with
 gradient accumulation, logging and checkpoints. The same entry point runs on a CPU, one GPU or
-many (``accelerate launch -m fc_pipeline.train --config cfg.json``), and reports to Dagster when
+many (``accelerate launch -m fc_pipeline.training.train --config cfg.json``), and reports to Dagster when
 launched through Dagster Pipes.
 
 Output directory::
@@ -23,9 +23,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -70,13 +71,13 @@ class TrainConfig:
     progress: bool = True
 
     @classmethod
-    def tiny(cls, shards: str | list[str], output_dir: str, **overrides: Any) -> "TrainConfig":
+    def tiny(cls, shards: str | list[str], output_dir: str, **overrides: Any) -> TrainConfig:
         """The CPU demo preset: tiny random models, 64 px, batch 4, 30 steps."""
         preset = dict(profile="tiny", resolution=64, train_batch_size=4, max_steps=30, checkpoint_every=15)
         return cls(shards=shards, output_dir=output_dir, **{**preset, **overrides})
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path) -> TrainConfig:
         data = json.loads(Path(path).read_text())
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -150,7 +151,11 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     from safetensors.torch import save_file
 
     state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value.detach().cpu().contiguous() for index, slots in state["state"].items() for key, value in slots.items()}
+    tensors = {
+        f"{index}.{key}": value.detach().cpu().contiguous()
+        for index, slots in state["state"].items()
+        for key, value in slots.items()
+    }
     save_file(tensors, str(directory / "optimizer.safetensors"))
     write_json(state["param_groups"], directory / "optimizer_groups.json")
 
@@ -203,7 +208,9 @@ def _load_rng(directory: Path, rank: int) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _save_checkpoint(accelerator, models: dict, optimizer, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def _save_checkpoint(
+    accelerator, models: dict, optimizer, output_dir: Path, step: int, trainer_state: dict, keep: int
+) -> Path:
     """Pipeline + training state into a temp dir, renamed into place; keeps the newest ``keep``."""
     from fc_pipeline.pipeline import FastComposerPipeline
 
@@ -212,7 +219,10 @@ def _save_checkpoint(accelerator, models: dict, optimizer, output_dir: Path, ste
     state_dir = temp / STATE_DIR
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
-        parts = {name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part for name, part in models.items()}
+        parts = {
+            name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part
+            for name, part in models.items()
+        }
         FastComposerPipeline.from_components(parts).save_pretrained(temp, safe_serialization=True)
         state_dir.mkdir(parents=True)
         _save_optimizer(optimizer, state_dir)
@@ -247,11 +257,11 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from fc_pipeline.data.training_samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
     from fc_pipeline.model.attention import install_attention_capture
     from fc_pipeline.model.components import load_components, set_trainable
     from fc_pipeline.model.objective import compute_losses
-    from fc_pipeline.models import get_profile
+    from fc_pipeline.profiles import get_profile
+    from fc_pipeline.training.samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
 
     log = log or (lambda message: None)
     output_dir = Path(config.output_dir)
@@ -293,15 +303,25 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         components["unet"].enable_gradient_checkpointing()
     capture = None
     if config.localization_weight > 0:
-        capture = install_attention_capture(components["unet"], config.localization_layers or profile.localization_layers)
+        capture = install_attention_capture(
+            components["unet"], config.localization_layers or profile.localization_layers
+        )
     dataset = TrainingSamples(
-        urls, components["tokenizer"], sampling, seed=config.seed, start=position,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )  # fmt: skip
+        urls,
+        components["tokenizer"],
+        sampling,
+        seed=config.seed,
+        start=position,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.train_batch_size, collate_fn=collate_samples, num_workers=config.num_workers,
+        dataset,
+        batch_size=config.train_batch_size,
+        collate_fn=collate_samples,
+        num_workers=config.num_workers,
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG (checkpointed) untouched
-    )  # fmt: skip
+    )
 
     # optimiser: AdamW, constant learning rate
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -319,7 +339,12 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
     metrics_path = output_dir / "metrics.jsonl"
     history = _truncate_metrics(metrics_path, step) if accelerator.is_main_process else []
     resumed_from, checkpoint = step, resume_from
-    progress = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and accelerator.is_main_process), desc="train")
+    progress = tqdm(
+        total=config.max_steps,
+        initial=step,
+        disable=not (config.progress and accelerator.is_main_process),
+        desc="train",
+    )
     running = {"loss": 0.0, "l_noise": 0.0, "l_loc": 0.0}
     started = time.perf_counter()
     data = iter(loader)
@@ -327,9 +352,12 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         batch = next(data)
         with accelerator.accumulate(unet, fuser, image_encoder):
             losses = compute_losses(
-                models, batch, capture,
-                localization_weight=config.localization_weight, mask_loss_prob=config.mask_loss_prob,
-            )  # fmt: skip
+                models,
+                batch,
+                capture,
+                localization_weight=config.localization_weight,
+                mask_loss_prob=config.mask_loss_prob,
+            )
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -341,9 +369,16 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         if not accelerator.sync_gradients:
             continue
         step += 1
-        averaged = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in running.items()}
+        averaged = {
+            k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in running.items()
+        }
         running = dict.fromkeys(running, 0.0)
-        row = {"step": step, **averaged, "lr": config.learning_rate, "elapsed_s": round(time.perf_counter() - started, 3)}
+        row = {
+            "step": step,
+            **averaged,
+            "lr": config.learning_rate,
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        }
         if not all(math.isfinite(v) for v in averaged.values()):
             raise FloatingPointError(f"non-finite loss at step {step}: {averaged}")
         if accelerator.is_main_process:
@@ -354,8 +389,13 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         progress.set_postfix(loss=f"{averaged['loss']:.4f}", l_loc=f"{averaged['l_loc']:.4f}")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             trainer_state = {"step": step, "position": position.as_dict(), "config": dataclasses.asdict(config)}
-            checkpoint = _save_checkpoint(accelerator, models, optimizer, output_dir, step, trainer_state, config.keep_checkpoints)
-            log(f"step {step}: loss {averaged['loss']:.4f} (noise {averaged['l_noise']:.4f}, loc {averaged['l_loc']:.4f}); saved {checkpoint.name}")
+            checkpoint = _save_checkpoint(
+                accelerator, models, optimizer, output_dir, step, trainer_state, config.keep_checkpoints
+            )
+            log(
+                f"step {step}: loss {averaged['loss']:.4f} (noise {averaged['l_noise']:.4f}, "
+                f"loc {averaged['l_loc']:.4f}); saved {checkpoint.name}"
+            )
     progress.close()
     if capture is not None:
         capture.remove()
@@ -363,9 +403,15 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         raise RuntimeError(f"nothing trained: max_steps={config.max_steps} and no checkpoint in {output_dir}")
     last = history[-1] if history else {"loss": math.nan, "l_noise": math.nan, "l_loc": math.nan}
     result = TrainResult(
-        checkpoint=checkpoint, steps=step, loss=last["loss"], l_noise=last["l_noise"], l_loc=last["l_loc"],
-        metrics_path=metrics_path, resumed_from=resumed_from, history=history,
-    )  # fmt: skip
+        checkpoint=checkpoint,
+        steps=step,
+        loss=last["loss"],
+        l_noise=last["l_noise"],
+        l_loc=last["l_loc"],
+        metrics_path=metrics_path,
+        resumed_from=resumed_from,
+        history=history,
+    )
     if accelerator.is_main_process:
         write_json(result.summary(), output_dir / "metrics.json")
         if dataset.skipped:
@@ -396,8 +442,8 @@ def _run_with_pipes(config: TrainConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fc_pipeline.train --config cfg.json`` (also under ``accelerate launch``)."""
-    parser = argparse.ArgumentParser(prog="fc_pipeline.train", description=__doc__.splitlines()[0])
+    """``python -m fc_pipeline.training.train --config cfg.json`` (also under ``accelerate launch``)."""
+    parser = argparse.ArgumentParser(prog="fc_pipeline.training.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
     args = parser.parse_args(argv)
     config = TrainConfig.from_json(args.config)

@@ -1,10 +1,10 @@
 """How a training run is started: one process, ``accelerate launch`` on one machine, or many machines.
 
-:func:`training_command` is the command line of one machine's launcher (``python -m fc_pipeline.train``
+:func:`training_command` is the command line of one machine's launcher (``python -m fc_pipeline.training.train``
 for a single process, else ``accelerate launch`` or ``torchrun``, both of which start
 ``torch.distributed.run`` underneath); :func:`launch_settings_from_env` reads a machine's place in a
 multi-node run from its environment (a Kubernetes Indexed Job gives each pod ``JOB_COMPLETION_INDEX``),
-and ``python -m fc_pipeline.launch --config cfg.json`` starts the launcher a pod's environment asks
+and ``python -m fc_pipeline.training.launch --config cfg.json`` starts the launcher a pod's environment asks
 for (the worker pods of a multi-node run, docs/deploy-k8s.md).
 """
 
@@ -16,13 +16,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-TRAIN_MODULE = "fc_pipeline.train"
+TRAIN_MODULE = "fc_pipeline.training.train"
 LAUNCHERS = ("auto", "accelerate", "torchrun")
 DEFAULT_PORT = 29500
 
 
 def _validate(
-    num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None, main_process_port: int, launcher: str
+    num_processes: int,
+    num_machines: int,
+    machine_rank: int,
+    main_process_ip: str | None,
+    main_process_port: int,
+    launcher: str,
 ) -> None:
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, not {launcher!r}")
@@ -63,29 +68,41 @@ def training_command(
     script = ["-m", TRAIN_MODULE, "--config", str(config_path)]
     if launcher == "auto" and num_processes == 1:
         return [sys.executable, *script]
-    multi_node = (
-        ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip]
-        if num_machines > 1
-        else []
-    )
+    multi_node = ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip] if num_machines > 1 else []
     if launcher == "torchrun":
         rendezvous = ["--master_addr", main_process_ip] if num_machines > 1 else []
         return [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nnodes", str(num_machines), "--node_rank", str(machine_rank),
-            "--nproc_per_node", str(num_processes // num_machines),
-            *rendezvous, "--master_port", str(main_process_port),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(num_machines),
+            "--node_rank",
+            str(machine_rank),
+            "--nproc_per_node",
+            str(num_processes // num_machines),
+            *rendezvous,
+            "--master_port",
+            str(main_process_port),
             *script,
-        ]  # fmt: skip
+        ]
     # --multi_gpu: accelerate only guesses it from the GPUs of the local machine, so one GPU per
     # machine would otherwise start a single, non-distributed process on each.
     distributed = ["--multi_gpu"] if num_processes > 1 else []
     return [
-        sys.executable, "-m", "accelerate.commands.launch", *distributed,
-        "--num_processes", str(num_processes), "--num_machines", str(num_machines),
-        *multi_node, "--main_process_port", str(main_process_port),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *distributed,
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        str(num_machines),
+        *multi_node,
+        "--main_process_port",
+        str(main_process_port),
         *script,
-    ]  # fmt: skip
+    ]
 
 
 def _int(env: Mapping[str, str], *names: str, default: int) -> int:
@@ -127,8 +144,9 @@ def launch_settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fc_pipeline.launch --config cfg.json``: start this machine's launcher (settings from the environment)."""
-    parser = argparse.ArgumentParser(prog="fc_pipeline.launch", description=main.__doc__)
+    """``python -m fc_pipeline.training.launch --config cfg.json``: start this machine's launcher
+    (settings from the environment)."""
+    parser = argparse.ArgumentParser(prog="fc_pipeline.training.launch", description=main.__doc__)
     parser.add_argument("--config", required=True, help="the run's train_config.json (the same file on every machine)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     args = parser.parse_args(argv)
