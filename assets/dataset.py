@@ -1,4 +1,4 @@
-"""The dataset-construction chain (DESIGN §2) as Dagster assets, group ``dataset``.
+"""The dataset-construction chain (docs/architecture.md, "Dataset construction") as Dagster assets, group ``dataset``.
 
 corpus_images -> captions -> noun_phrases ─┐
              └-> panoptic_segments ────────┴-> subject_matches -> training_shards

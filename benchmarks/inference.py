@@ -1,4 +1,4 @@
-"""Inference cost of FastComposer (issue 5, paper §5: 2 s / 6 GB per image, fine-tuning 789–2500 s).
+"""Inference cost of FastComposer (paper §5: 2 s / 6 GB per image, fine-tuning 789–2500 s).
 
 Prints one line with three ratios, all on the same components, device, steps and size:
 

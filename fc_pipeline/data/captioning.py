@@ -1,4 +1,4 @@
-"""Step 1: a caption per image (DESIGN §2.1) — the corpus's own, else BLIP-2's."""
+"""Step 1: a caption per image — the corpus's own, else BLIP-2's."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _tiny_blip2(profile: ModelProfile):
         qformer_config=config["qformer_config"],
         text_config=text_config,
         num_query_tokens=config["num_query_tokens"],
-        image_token_index=image_token,  # transformers 5 needs it explicitly (DESIGN §7)
+        image_token_index=image_token,  # transformers 5 needs it explicitly
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.seed)

@@ -1,4 +1,4 @@
-"""Step 0: list a raw corpus, one row per distinct image (DESIGN §4).
+"""Step 0: list a raw corpus, one row per distinct image.
 
 A corpus is a folder (searched recursively for jpg/jpeg/png/webp) or a parquet/jsonl manifest
 with a ``path`` column (relative paths are relative to the manifest) and optional ``caption``

@@ -1,4 +1,4 @@
-"""Step 4: which noun phrase names which segment (DESIGN §2.4).
+"""Step 4: which noun phrase names which segment.
 
 score(phrase, segment) = CLIP(segment crop, phrase) × SBERT(segment label, phrase), where the
 CLIP cosine is mapped from [-1, 1] to [0, 1] and the SBERT cosine clamped at 0, so that the product

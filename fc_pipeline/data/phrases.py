@@ -1,4 +1,4 @@
-"""Noun phrases of a caption, with numbered plurals expanded into singular subjects (DESIGN §2.3).
+"""Noun phrases of a caption, with numbered plurals expanded into singular subjects.
 
 FastComposer binds one reference image to one noun token, so "two women on a bench" becomes the
 training caption "a woman and a woman on a bench" with two phrases. Only a noun chunk whose head

@@ -1,4 +1,4 @@
-"""Step 2: panoptic segments per image (DESIGN §2.2) — the corpus's annotation, else Mask2Former's.
+"""Step 2: panoptic segments per image — the corpus's annotation, else Mask2Former's.
 
 A segment is ``{id, label, category_id, isthing, score, bbox: [x1, y1, x2, y2], area}``; its
 pixels are those equal to ``id`` in a uint16 id map (0 = no segment), stored as a 16-bit PNG.

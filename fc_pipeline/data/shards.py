@@ -1,4 +1,4 @@
-"""Step 5: webdataset shards of the finished samples (DESIGN §4), and reading them back.
+"""Step 5: webdataset shards of the finished samples (format: docs/architecture.md), and reading them back.
 
 Layout under ``out_dir``: ``train/00000.tar``, ``val/00000.tar``, … with per sample ``<id>.jpg``
 (RGB, EXIF-transposed), ``<id>.json`` and ``<id>.seg.png`` (16-bit segment ids, 0 = none); beside
@@ -21,7 +21,7 @@ The split is per image id, so a sample never changes split as the corpus grows:
 ``u < val_fraction`` while val stays within ``val_max`` (new samples taken by increasing ``u``).
 If the dataset would then have no val sample while it has ≥ 2 samples and ``val_fraction > 0``,
 the new sample with the smallest ``u`` goes to val (so a small corpus still validates). Val is
-thus about ``val_fraction`` of the corpus, at most ``val_max`` (DESIGN §4: min(1000, 5 %)), and
+thus about ``val_fraction`` of the corpus, at most ``val_max`` (the paper held out 1000 images: min(1000, 5 %)), and
 independent of the order images arrive in until ``val_max`` is reached.
 """
 

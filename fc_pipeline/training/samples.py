@@ -1,4 +1,4 @@
-"""Training samples from the webdataset shards (paper §4.1–4.2, DESIGN §4).
+"""Training samples from the webdataset shards (paper §4.1–4.2; shard format in docs/architecture.md).
 
 Per sample: the target image (resize + centre crop, in [-1, 1]), the caption's token ids, and per
 subject a reference image (its segment's bounding-box crop with the background replaced by noise,

@@ -32,7 +32,7 @@ def components():
 
 
 def write_synthetic_shards(directory, n_samples: int = 8, per_shard: int = 4, size=(80, 64), seed: int = 0):
-    """Shards in the DESIGN §4 layout (``<id>.jpg``, ``<id>.json``, ``<id>.seg.png``), written
+    """Shards in the shard layout of docs/architecture.md (``<id>.jpg``, ``<id>.json``, ``<id>.seg.png``), written
     directly with webdataset: a sky/ground picture with a man and a woman as coloured blocks."""
     import io
     import json
