@@ -1,9 +1,10 @@
 """Model profiles: the one place that knows model ids, local paths and tiny configs.
 
-``paper`` names the checkpoints of the paper (docs/architecture.md, "Model profiles") (hub ids or local directories, loaded with
-``from_pretrained``). ``tiny`` (the default) builds the same architectures from small random
-configs with a fixed seed, plus the real offline models that packages ship (spaCy, SBERT MiniLM,
-MTCNN, FaceNet). Every id is overridable: ``get_profile("paper", captioner="/models/blip2")``.
+``paper`` names the checkpoints of the paper (docs/architecture.md, "Model profiles"): hub ids or
+local directories, loaded with ``from_pretrained``. ``tiny`` (the default) builds the same
+architectures from small random configs with a fixed seed, plus the real offline models that
+packages ship (spaCy, SBERT MiniLM, MTCNN, FaceNet).
+Every id is overridable: ``get_profile("paper", captioner="/models/blip2")``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from fc_pipeline.storage import read_parquet, write_json, write_parquet
 
 def dataset_model_ids(profile: ModelProfile) -> dict[str, str]:
     """What each step's model is, as recorded in every sample's json (``models``)."""
+
     def named(field: str) -> str:
         return f"tiny-random:{field}:seed={profile.seed}" if profile.tiny else getattr(profile, field)
 

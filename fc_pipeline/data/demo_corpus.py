@@ -133,7 +133,9 @@ def draw_scene(scene: DemoScene, seed: int = 0) -> tuple[Image.Image, np.ndarray
     slots = np.linspace(0.15, 0.85, max(scene.people, 1) + 2)[1:-1] if scene.people else []
     for x in slots:
         height = canvas.height * rng.uniform(0.55, 0.7) * scene.figure_scale
-        _draw_person(canvas, int(canvas.width * (x + rng.uniform(-0.03, 0.03))), ground - int(rng.uniform(0, 8)), int(height))
+        _draw_person(
+            canvas, int(canvas.width * (x + rng.uniform(-0.03, 0.03))), ground - int(rng.uniform(0, 8)), int(height)
+        )
     if "dog" in scene.extras:
         _draw_dog(canvas, int(canvas.width * rng.uniform(0.6, 0.8)), ground - 2, int(canvas.height * 0.12))
     if "kite" in scene.extras:
@@ -159,9 +161,7 @@ def write_panoptic_annotation(stem: Path, ids: np.ndarray, segments: list[dict])
     _write_bytes(png, _encode(Image.fromarray(rgb), "png"))
     used = sorted({s["category_id"] for s in segments})
     categories = [
-        {"id": cid, "name": name, "isthing": int(isthing)}
-        for name, (cid, isthing) in CATEGORIES.items()
-        if cid in used
+        {"id": cid, "name": name, "isthing": int(isthing)} for name, (cid, isthing) in CATEGORIES.items() if cid in used
     ]
     annotation = {"file_name": png.name, "segments_info": segments, "categories": categories}
     write_json(annotation, stem.parent / f"{stem.name}.panoptic.json")
@@ -241,7 +241,9 @@ def _draw_background(canvas: _Canvas, scene: DemoScene, horizon: int) -> None:
         canvas.paint(sea, (40, 110, 170), "sea")
     if "mountain" in scene.extras:
         peak = int(w * canvas.rng.uniform(0.3, 0.7))
-        mountain = canvas.mask(lambda d: d.polygon([(peak - w // 2, horizon), (peak, horizon // 3), (peak + w // 2, horizon)], fill=1))
+        mountain = canvas.mask(
+            lambda d: d.polygon([(peak - w // 2, horizon), (peak, horizon // 3), (peak + w // 2, horizon)], fill=1)
+        )
         canvas.paint(mountain, (125, 130, 150), "mountain-merged")
     if "house" in scene.extras:
         x0 = int(w * canvas.rng.uniform(0.05, 0.5))
@@ -283,8 +285,16 @@ def _draw_person(canvas: _Canvas, x: int, feet: int, height: int) -> None:
         d.ellipse([x - head_r, feet - height, x + head_r, neck], fill=1)
         d.rounded_rectangle([x - shoulder, neck, x + shoulder, hip], radius=unit / 3, fill=1)
         for side in (-1, 1):
-            d.line([(x + side * shoulder * 0.9, neck + 0.3 * unit), (x + side * 1.4 * shoulder, hip)], fill=1, width=max(2, int(unit / 2.5)))
-            d.line([(x + side * shoulder * 0.45, hip), (x + side * shoulder * 0.6, feet)], fill=1, width=max(2, int(unit / 2)))
+            d.line(
+                [(x + side * shoulder * 0.9, neck + 0.3 * unit), (x + side * 1.4 * shoulder, hip)],
+                fill=1,
+                width=max(2, int(unit / 2.5)),
+            )
+            d.line(
+                [(x + side * shoulder * 0.45, hip), (x + side * shoulder * 0.6, feet)],
+                fill=1,
+                width=max(2, int(unit / 2)),
+            )
 
     whole = canvas.mask(person)
     canvas.paint(whole, skin, "person")
@@ -306,7 +316,9 @@ def _draw_dog(canvas: _Canvas, x: int, feet: int, size: int) -> None:
 
 
 def _draw_kite(canvas: _Canvas, x: int, y: int, size: int) -> None:
-    kite = canvas.mask(lambda d: d.polygon([(x, y - size), (x + size // 2, y), (x, y + size), (x - size // 2, y)], fill=1))
+    kite = canvas.mask(
+        lambda d: d.polygon([(x, y - size), (x + size // 2, y), (x, y + size), (x - size // 2, y)], fill=1)
+    )
     canvas.paint(kite, (220, 30, 30), "kite")
 
 

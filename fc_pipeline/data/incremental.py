@@ -68,9 +68,10 @@ def update_table(
     settings: dict,
     compute: Callable[..., pa.Table],
 ) -> StepUpdate:
-    """Bring ``output`` up to date with ``inputs``: rows are keyed by ``id`` (ids and order from inputs[0]); a row is reused
-    when the existing output has it with the same input digest (sha256 of the settings + that id's row in every input table),
-    every other id is computed by ``compute(*inputs_filtered_to_those_ids)``; the merged table is written atomically.
+    """Bring ``output`` up to date with ``inputs``: rows are keyed by ``id`` (ids and order from inputs[0]);
+    a row is reused when the existing output has it with the same input digest (sha256 of the settings + that
+    id's row in every input table), every other id is computed by
+    ``compute(*inputs_filtered_to_those_ids)``; the merged table is written atomically.
 
     ``compute`` must return one row per id it is given. When nothing is pending and nothing dropped the
     file is not rewritten (status ``cached``); its row order is then the one it was written in.
@@ -124,7 +125,9 @@ def _compute(compute: Callable[..., pa.Table], inputs: Sequence[pa.Table], ids: 
     if returned != Counter(ids):
         missing = sorted(set(ids) - set(returned))
         unexpected = sorted(i for i, n in returned.items() if i not in wanted_set or n > 1)
-        raise ValueError(f"the step must return one row per pending id; missing {missing}, unexpected or repeated {unexpected}")
+        raise ValueError(
+            f"the step must return one row per pending id; missing {missing}, unexpected or repeated {unexpected}"
+        )
     return table
 
 

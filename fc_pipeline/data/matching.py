@@ -70,7 +70,9 @@ def readable_label(label: str) -> str:
 class SubjectMatcher:
     """OpenCLIP image–text × SBERT label–phrase scorer of a model profile."""
 
-    def __init__(self, profile: ModelProfile | str = "tiny", device: str = "cpu", dtype: torch.dtype | str | None = None):
+    def __init__(
+        self, profile: ModelProfile | str = "tiny", device: str = "cpu", dtype: torch.dtype | str | None = None
+    ):
         import open_clip
         from sentence_transformers import SentenceTransformer
 

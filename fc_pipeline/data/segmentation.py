@@ -240,13 +240,17 @@ def load_annotation(annotation: str | Path, size: tuple[int, int]) -> tuple[np.n
             ]
         except KeyError as exc:
             raise AnnotationError(f"{path}: segment or category table lacks {exc}") from None
-        png = path.parent / entry["file_name"] if entry.get("file_name") else path.with_name(
-            path.name.removesuffix(".json") + ".png"
+        png = (
+            path.parent / entry["file_name"]
+            if entry.get("file_name")
+            else path.with_name(path.name.removesuffix(".json") + ".png")
         )
     try:
         for segment in segments:
             segment["id"], segment["label"], segment["category_id"] = (
-                int(segment["id"]), str(segment["label"]), int(segment["category_id"])
+                int(segment["id"]),
+                str(segment["label"]),
+                int(segment["category_id"]),
             )
             segment["isthing"] = bool(segment.get("isthing", segment["label"] in COCO_THING_LABELS))
     except (KeyError, TypeError, ValueError) as exc:

@@ -66,7 +66,9 @@ SIDECAR_SCHEMA = pa.schema(
         ("meta_sha256", pa.string()),  # of the sample's json: tells when the corpus has changed it
     ]
 )
-FAILURES_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("step", pa.string()), ("reason", pa.string())])
+FAILURES_SCHEMA = pa.schema(
+    [("id", pa.string()), ("path", pa.string()), ("step", pa.string()), ("reason", pa.string())]
+)
 
 
 class ShardIndex(NamedTuple):
@@ -127,12 +129,16 @@ def write_shards(
     ledger += [f for i, f in shard_failures.items() if i in records and i not in sharded]
     in_corpus = set(corpus.column("id").to_pylist())
     # an image of the corpus that is not in ``records`` now fails a step
-    stale = sum(i in in_corpus and (i not in records or records[i]["digest"] != digest) for i, digest in sharded.items())
+    stale = sum(
+        i in in_corpus and (i not in records or records[i]["digest"] != digest) for i, digest in sharded.items()
+    )
     orphaned = sum(i not in in_corpus for i in sharded)
     if stale:
         logger.warning(
             "%d sample(s) in the shards of %s no longer match the corpus (e.g. an edited caption) and keep "
-            "their old metadata; write the shards with rebuild=True to refresh them", stale, out_dir,
+            "their old metadata; write the shards with rebuild=True to refresh them",
+            stale,
+            out_dir,
         )
 
     new_ids = sorted(i for i in records if i not in sharded and i not in shard_failures)
@@ -285,7 +291,12 @@ def _digest(meta: dict) -> str:
 
 def _shard_files(out_dir: Path) -> list[Path]:
     """The shards and sidecars of every split (complete or not)."""
-    return [path for split in SPLITS for path in sorted((out_dir / split).glob("[0-9]*.*")) if path.suffix in (".tar", ".parquet")]
+    return [
+        path
+        for split in SPLITS
+        for path in sorted((out_dir / split).glob("[0-9]*.*"))
+        if path.suffix in (".tar", ".parquet")
+    ]
 
 
 def _settings_change(out_dir: Path, settings: dict) -> str | None:
@@ -356,7 +367,9 @@ def _write_shard(shard: Path, records: list[dict]) -> ShardIndex:
             except (ImageError, OSError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, ImageError) else "shard_failed"
                 logger.warning("sample %s left out of %s: %s", record["id"], shard.name, exc)
-                failures.append({"id": record["id"], "path": record["meta"]["source"]["path"], "step": "shard", "reason": reason})
+                failures.append(
+                    {"id": record["id"], "path": record["meta"]["source"]["path"], "step": "shard", "reason": reason}
+                )
                 continue
             writer.write(sample)
             meta = record["meta"]
@@ -375,8 +388,12 @@ def _write_shard(shard: Path, records: list[dict]) -> ShardIndex:
             )
         writer.close()
     sidecar = pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA)
-    write_parquet(sidecar.replace_schema_metadata({FAILURES_KEY: json.dumps(failures).encode()}), shard.with_suffix(".parquet"))
-    return ShardIndex([r["id"] for r in rows], [r["n_subjects"] for r in rows], [r["meta_sha256"] for r in rows], failures)
+    write_parquet(
+        sidecar.replace_schema_metadata({FAILURES_KEY: json.dumps(failures).encode()}), shard.with_suffix(".parquet")
+    )
+    return ShardIndex(
+        [r["id"] for r in rows], [r["n_subjects"] for r in rows], [r["meta_sha256"] for r in rows], failures
+    )
 
 
 def _encode_sample(record: dict) -> dict:

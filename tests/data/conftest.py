@@ -65,8 +65,12 @@ def write_coco_annotation(stem: Path, id_map: np.ndarray, labels: list) -> None:
         {"id": coco_ids[i], "category_id": CATEGORY_IDS[label], "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 0}
         for i, label in labels
     ]
-    categories = [{"id": cid, "name": name, "isthing": int(name != "grass-merged")} for name, cid in CATEGORY_IDS.items()]
-    stem.with_name(stem.name + ".panoptic.json").write_text(json.dumps({"segments_info": info, "categories": categories}))
+    categories = [
+        {"id": cid, "name": name, "isthing": int(name != "grass-merged")} for name, cid in CATEGORY_IDS.items()
+    ]
+    stem.with_name(stem.name + ".panoptic.json").write_text(
+        json.dumps({"segments_info": info, "categories": categories})
+    )
 
 
 def make_corpus(root: Path) -> dict[str, str]:

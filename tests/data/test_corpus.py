@@ -15,7 +15,15 @@ def test_folder_scan_rows_and_reasons(corpus_dir):
     root, expected = corpus_dir
     table = scan_corpus(root)
     assert table.column_names == [
-        "id", "path", "sha256", "width", "height", "caption", "annotation", "error", "duplicates",
+        "id",
+        "path",
+        "sha256",
+        "width",
+        "height",
+        "caption",
+        "annotation",
+        "error",
+        "duplicates",
     ]
     rows = {r["path"].split("/")[-1]: r for r in table.to_pylist()}
     assert set(rows) == set(expected)  # the duplicate in sub/ collapsed, annotation PNGs are not images

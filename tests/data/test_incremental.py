@@ -132,7 +132,12 @@ def test_update_table_recomputes_all_when_the_columns_change(tmp_path):
     renamed = Doubling()
     update = update_table(output, [numbers(range(4))], {}, lambda t: renamed(t).rename_columns(["id", "w"]))
     assert (update.computed, update.reused) == (4, 0) and renamed.calls == [["i3"], ["i0", "i1", "i2"]]
-    assert update.table.column_names == ["id", "w", INPUT_DIGEST] and update.table.column("w").to_pylist() == [0, 2, 4, 6]
+    assert update.table.column_names == ["id", "w", INPUT_DIGEST] and update.table.column("w").to_pylist() == [
+        0,
+        2,
+        4,
+        6,
+    ]
 
 
 # --- scan_corpus(previous=...) -------------------------------------------------------------------
@@ -256,7 +261,11 @@ def test_build_dataset_processes_only_new_images(tmp_path, corpus_dir, tiny_capt
     first = build_dataset(root, out, **options, **models.kwargs())
     assert first["steps"] == {name: {"computed": 5, "reused": 0, "dropped": 0} for name in STEPS}
     assert first["samples"] == 2 and set(first["seconds"]) == {"images", *STEPS, "shards"}
-    assert {name: len(images) for name, images in models.images().items()} == {"captioner": 1, "segmenter": 1, "matcher": 3}
+    assert {name: len(images) for name, images in models.images().items()} == {
+        "captioner": 1,
+        "segmenter": 1,
+        "matcher": 3,
+    }
 
     copy_images(source, root, ["trio.jpg", "plain1.jpg"])  # an annotated, captioned image and a bare one
     models = Factories(tiny_captioner, tiny_segmenter, tiny_matcher)
@@ -272,7 +281,9 @@ def test_build_dataset_processes_only_new_images(tmp_path, corpus_dir, tiny_capt
     for name in ("images", *STEPS):
         grown, rebuilt = read_parquet(out / f"{name}.parquet"), read_parquet(fresh / f"{name}.parquet")
         assert grown.num_rows == 7 and comparable(grown) == comparable(rebuilt), name
-    assert sorted(p.name for p in (out / "segments").iterdir()) == sorted(p.name for p in (fresh / "segments").iterdir())
+    assert sorted(p.name for p in (out / "segments").iterdir()) == sorted(
+        p.name for p in (fresh / "segments").iterdir()
+    )
 
     mtimes = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in STEPS}
     models = Factories(tiny_captioner, tiny_segmenter, tiny_matcher)

@@ -29,14 +29,25 @@ def _corpus(tmp_path, sizes, captions=None):
         path = tmp_path / f"{k}.png"
         Image.new("RGB", size, (k * 30, 0, 0)).save(path)
         rows.append(
-            {"id": f"id{k}", "path": str(path), "width": size[0], "height": size[1],
-             "caption": (captions or {}).get(k), "annotation": None, "error": None}
+            {
+                "id": f"id{k}",
+                "path": str(path),
+                "width": size[0],
+                "height": size[1],
+                "caption": (captions or {}).get(k),
+                "annotation": None,
+                "error": None,
+            }
         )
     return pa.Table.from_pylist(rows)
 
 
 def test_tiny_blip2_captions_a_batch(tiny_captioner):
-    images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (20, 50), "blue"), Image.new("L", (8, 8)).convert("RGB")]
+    images = [
+        Image.new("RGB", (40, 30), "red"),
+        Image.new("RGB", (20, 50), "blue"),
+        Image.new("L", (8, 8)).convert("RGB"),
+    ]
     captions = tiny_captioner.caption(images)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
     assert captions == tiny_captioner.caption(images)  # greedy decoding is deterministic
@@ -95,7 +106,9 @@ def test_segment_corpus_annotations_model_and_files(corpus_dir, tiny_segmenter, 
     assert solo["segment_source"] == "provided" and solo["error"] is None
     segments = json.loads(solo["segments"])
     assert [(s["id"], s["label"], s["category_id"], s["isthing"]) for s in segments] == [
-        (1, "grass-merged", 125, False), (2, "person", 1, True), (3, "car", 3, True),
+        (1, "grass-merged", 125, False),
+        (2, "person", 1, True),
+        (3, "car", 3, True),
     ]
     id_map = read_id_map(solo["seg_path"])
     assert id_map.shape == (64, 96) and set(np.unique(id_map)) == {0, 1, 2, 3}
@@ -112,10 +125,14 @@ def test_load_annotation_errors(tmp_path):
     (tmp_path / "a.panoptic.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable json"):
         load_annotation(tmp_path / "a.panoptic.json", (4, 4))
-    (tmp_path / "b.panoptic.json").write_text(json.dumps({"segments_info": [{"id": 1, "category_id": 9}], "categories": []}))
+    (tmp_path / "b.panoptic.json").write_text(
+        json.dumps({"segments_info": [{"id": 1, "category_id": 9}], "categories": []})
+    )
     with pytest.raises(ValueError, match="lacks"):
         load_annotation(tmp_path / "b.panoptic.json", (4, 4))
-    (tmp_path / "c.panoptic.json").write_text(json.dumps({"segments": [{"id": 1, "label": "person", "category_id": 1}]}))
+    (tmp_path / "c.panoptic.json").write_text(
+        json.dumps({"segments": [{"id": 1, "label": "person", "category_id": 1}]})
+    )
     with pytest.raises(ValueError, match="unreadable id map"):
         load_annotation(tmp_path / "c.panoptic.json", (4, 4))
     Image.fromarray(np.ones((4, 4), np.uint16)).save(tmp_path / "c.panoptic.png")
@@ -125,11 +142,19 @@ def test_load_annotation_errors(tmp_path):
 
 def test_renumber_drops_empty_and_unlisted():
     id_map = np.array([[5, 5, 9], [7, 7, 0]])
-    out, segments = renumber_segments(id_map, [{"id": 7, "label": "a", "category_id": 1, "isthing": 1},
-                                               {"id": 3, "label": "b", "category_id": 2, "isthing": 0},
-                                               {"id": 5, "label": "c", "category_id": 3, "isthing": 0}])
+    out, segments = renumber_segments(
+        id_map,
+        [
+            {"id": 7, "label": "a", "category_id": 1, "isthing": 1},
+            {"id": 3, "label": "b", "category_id": 2, "isthing": 0},
+            {"id": 5, "label": "c", "category_id": 3, "isthing": 0},
+        ],
+    )
     assert out.tolist() == [[2, 2, 0], [1, 1, 0]]
-    assert [(s["id"], s["label"], s["area"], s["bbox"]) for s in segments] == [(1, "a", 2, [0, 1, 2, 2]), (2, "c", 2, [0, 0, 2, 1])]
+    assert [(s["id"], s["label"], s["area"], s["bbox"]) for s in segments] == [
+        (1, "a", 2, [0, 1, 2, 2]),
+        (2, "c", 2, [0, 0, 2, 1]),
+    ]
 
 
 # --- matching -----------------------------------------------------------------------------------
@@ -152,12 +177,24 @@ def test_greedy_match_known_answer():
 
 
 def test_match_subjects_keeps_people_in_caption_order():
-    phrases = [{"text": t, "start": s, "end": s + len(t)} for t, s in [("a man", 0), ("a dog", 10), ("a woman", 20), ("a kid", 30)]]
-    segments = [{"id": 1, "label": "person"}, {"id": 2, "label": "dog"}, {"id": 3, "label": "person"}, {"id": 4, "label": "person"}]
+    phrases = [
+        {"text": t, "start": s, "end": s + len(t)}
+        for t, s in [("a man", 0), ("a dog", 10), ("a woman", 20), ("a kid", 30)]
+    ]
+    segments = [
+        {"id": 1, "label": "person"},
+        {"id": 2, "label": "dog"},
+        {"id": 3, "label": "person"},
+        {"id": 4, "label": "person"},
+    ]
     scores = np.array([[0.2, 0, 0.6, 0], [0, 0.9, 0, 0], [0.7, 0, 0.1, 0], [0, 0, 0, 0.3]])
     subjects, error = match_subjects(scores, phrases, segments, threshold=0.1, max_subjects=4)
     assert error is None
-    assert [(s["phrase"], s["start"], s["segment_id"]) for s in subjects] == [("a man", 0, 3), ("a woman", 20, 1), ("a kid", 30, 4)]
+    assert [(s["phrase"], s["start"], s["segment_id"]) for s in subjects] == [
+        ("a man", 0, 3),
+        ("a woman", 20, 1),
+        ("a kid", 30, 4),
+    ]
     subjects, _ = match_subjects(scores, phrases, segments, threshold=0.1, max_subjects=2)
     assert [s["segment_id"] for s in subjects] == [3, 1]  # the two best scores, in caption order
     assert match_subjects(scores, phrases, segments, threshold=0.95, max_subjects=4) == ([], "no_match")
@@ -179,7 +216,10 @@ def test_tiny_clip_times_real_minilm(tiny_matcher):
     image = Image.new("RGB", (40, 30), "white")
     id_map = np.zeros((30, 40), np.uint16)
     id_map[:, :20], id_map[:, 20:] = 1, 2
-    segments = [{"id": 1, "label": "person", "bbox": [0, 0, 20, 30]}, {"id": 2, "label": "dog", "bbox": [20, 0, 40, 30]}]
+    segments = [
+        {"id": 1, "label": "person", "bbox": [0, 0, 20, 30]},
+        {"id": 2, "label": "dog", "bbox": [20, 0, 40, 30]},
+    ]
     phrases = ["a young man", "a small dog", "a red car"]
     scores = tiny_matcher.score(image, id_map, segments, phrases)
     assert scores.shape == (3, 2)

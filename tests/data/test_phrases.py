@@ -97,9 +97,21 @@ def test_noun_phrases_of_expanded_caption_match_tracked_spans():
 
 @pytest.mark.parametrize(
     "word, article",
-    [("man", "a"), ("elderly man", "an"), ("old woman", "an"), ("young man", "a"), ("umbrella", "an"),
-     ("uniformed officer", "a"), ("hour", "an"), ("honest man", "an"), ("European", "a"), ("island", "an"),
-     ("one-armed man", "a"), ("horse", "a"), ("apple", "an")],
+    [
+        ("man", "a"),
+        ("elderly man", "an"),
+        ("old woman", "an"),
+        ("young man", "a"),
+        ("umbrella", "an"),
+        ("uniformed officer", "a"),
+        ("hour", "an"),
+        ("honest man", "an"),
+        ("European", "a"),
+        ("island", "an"),
+        ("one-armed man", "a"),
+        ("horse", "a"),
+        ("apple", "an"),
+    ],
 )
 def test_indefinite_article(word, article):
     assert indefinite_article(word) == article

@@ -25,8 +25,15 @@ def test_every_image_is_a_sample_or_in_the_ledger(built, corpus_dir):
     assert ledger["truncated.jpg"]["step"] == "scan" and ledger["nobody.png"]["step"] == "match"
     samples = [n for n, r in expected.items() if r is None]
     assert stats["images"] == len(expected) and stats["samples"] == len(samples) == 7
-    assert stats["failures"] == {"bad_annotation": 1, "empty_file": 1, "no_person": 1, "no_segments": 3,
-                                 "too_large": 1, "truncated": 1, "unreadable": 1}
+    assert stats["failures"] == {
+        "bad_annotation": 1,
+        "empty_file": 1,
+        "no_person": 1,
+        "no_segments": 3,
+        "too_large": 1,
+        "truncated": 1,
+        "unreadable": 1,
+    }
     assert stats["splits"]["val"]["samples"] == 1  # no u < 0.05 among 7: the smallest u (cmyk.jpg) validates
     assert stats["subjects_histogram"] == {"1": 4, "2": 2, "3": 1}
     assert stats["splits"]["train"]["shards"] == ["00000.tar", "00001.tar", "00002.tar"]
@@ -129,7 +136,9 @@ def test_split_is_by_id_and_sized():
     assert split_ids(ids[:1], 0.05, 1000, existing={"train": 1, "val": 0}) == {"train": [], "val": ids[:1]}
     grown = split_ids([f"{k:016x}" for k in range(200, 220)], 0.05, 1000, existing={"train": 187, "val": 13})
     assert grown["val"] == [] and len(grown["train"]) == 20  # no new id under 0.05; the old ones stay put
-    assert split_ids(ids, 0.05, 15, existing={"train": 0, "val": 10})["val"] == sorted(sorted(split["val"], key=split_position)[:5])
+    assert split_ids(ids, 0.05, 15, existing={"train": 0, "val": 10})["val"] == sorted(
+        sorted(split["val"], key=split_position)[:5]
+    )
 
 
 def test_shard_size_shapes_only_new_shards(built, tmp_path):

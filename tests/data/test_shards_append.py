@@ -43,12 +43,23 @@ class Corpus:
                 id_map[2:14, 1 + 7 * person : 6 + 7 * person] = person + 1
             Image.fromarray(id_map).save(seg_path)
             caption = " and ".join(["a man"] * people)
-            subjects = [{"phrase": "a man", "start": 10 * n, "end": 10 * n + 5, "segment_id": n + 1, "score": 0.9} for n in range(people)]
-            segments = [{"id": n + 1, "label": "person", "category_id": 1, "isthing": True, "area": 60} for n in range(people)]
-            self.rows["corpus"][image_id] = dict(id=image_id, path=str(path), sha256=image_id * 4, width=24, height=16, error=error)
+            subjects = [
+                {"phrase": "a man", "start": 10 * n, "end": 10 * n + 5, "segment_id": n + 1, "score": 0.9}
+                for n in range(people)
+            ]
+            segments = [
+                {"id": n + 1, "label": "person", "category_id": 1, "isthing": True, "area": 60} for n in range(people)
+            ]
+            self.rows["corpus"][image_id] = dict(
+                id=image_id, path=str(path), sha256=image_id * 4, width=24, height=16, error=error
+            )
             self.rows["phrases"][image_id] = dict(id=image_id, raw_caption=caption, caption=caption, error=error)
-            self.rows["segments"][image_id] = dict(id=image_id, seg_path=str(seg_path), segments=json.dumps(segments), error=error)
-            self.rows["matches"][image_id] = dict(id=image_id, subjects=json.dumps(subjects), n_subjects=people, error=error)
+            self.rows["segments"][image_id] = dict(
+                id=image_id, seg_path=str(seg_path), segments=json.dumps(segments), error=error
+            )
+            self.rows["matches"][image_id] = dict(
+                id=image_id, subjects=json.dumps(subjects), n_subjects=people, error=error
+            )
         return self
 
     def remove(self, keys):
@@ -98,9 +109,21 @@ def test_growing_corpus_appends_shards_and_keeps_the_old_ones(corpus, tmp_path):
 
     second = write(corpus.add(range(10, 30)), out)
     assert second["mode"] == "appended" and second["appended"] == 20 and second["images"] == 31
-    new = ["train/00003.tar", "train/00004.tar", "train/00005.tar", "train/00006.tar", "train/00007.tar", "val/00001.tar"]
+    new = [
+        "train/00003.tar",
+        "train/00004.tar",
+        "train/00005.tar",
+        "train/00006.tar",
+        "train/00007.tar",
+        "val/00001.tar",
+    ]
     assert [p[len(str(out)) + 1 :] for p in second["written"]] == new
-    assert [p[len(str(out)) + 1 :] for p in second["skipped"]] == ["train/00000.tar", "train/00001.tar", "train/00002.tar", "val/00000.tar"]
+    assert [p[len(str(out)) + 1 :] for p in second["skipped"]] == [
+        "train/00000.tar",
+        "train/00001.tar",
+        "train/00002.tar",
+        "val/00000.tar",
+    ]
     after = files(out)
     assert {name: after[name] for name in before} == before  # same bytes, same mtime
     assert set(after) - set(before) == {n for p in new for n in (p, p.replace(".tar", ".parquet"))}
@@ -109,9 +132,15 @@ def test_growing_corpus_appends_shards_and_keeps_the_old_ones(corpus, tmp_path):
     assert second["splits"]["val"]["samples"] == 3 and second["splits"]["train"]["samples"] == 27
     assert [len(read_parquet(out / "train" / f"0000{n}.parquet")) for n in range(8)] == [4, 4, 1, 4, 4, 4, 4, 2]
     on_disk = json.loads((out / "val" / "_stats.json").read_text())
-    assert on_disk["samples"] == 3 and on_disk["shards"] == ["00000.tar", "00001.tar"] and on_disk["failures"] == {"truncated": 1}
+    assert (
+        on_disk["samples"] == 3
+        and on_disk["shards"] == ["00000.tar", "00001.tar"]
+        and on_disk["failures"] == {"truncated": 1}
+    )
     assert splits_by_id(out) == {f"{k:016x}": "val" if k in (0x08, 0x15, 0x1B) else "train" for k in range(30)}
-    assert read_parquet(out / "failures.parquet").to_pylist() == [{"id": f"{100:016x}", "path": str(corpus.root / "100.png"), "step": "scan", "reason": "truncated"}]
+    assert read_parquet(out / "failures.parquet").to_pylist() == [
+        {"id": f"{100:016x}", "path": str(corpus.root / "100.png"), "step": "scan", "reason": "truncated"}
+    ]
 
     third = write(corpus, out, samples_per_shard=100)  # shard size shapes new shards only
     assert third["mode"] == "unchanged" and third["written"] == [] and third["appended"] == 0
@@ -213,7 +242,12 @@ def test_stale_and_orphaned_samples_stay_in_their_shards(corpus, tmp_path, caplo
     samples = {s["id"]: s for split in ("train", "val") for s in read_samples(out, split)}
     assert samples[f"{3:016x}"]["meta"]["caption"] == "a man"
     rebuilt = write(corpus, out, rebuild=True)
-    assert (rebuilt["stale"], rebuilt["orphaned"], rebuilt["samples"], rebuilt["failures"]) == (0, 0, 9, {"no_person": 1})
+    assert (rebuilt["stale"], rebuilt["orphaned"], rebuilt["samples"], rebuilt["failures"]) == (
+        0,
+        0,
+        9,
+        {"no_person": 1},
+    )
 
 
 def test_an_image_that_failed_in_a_shard_is_not_tried_again(corpus, tmp_path):
