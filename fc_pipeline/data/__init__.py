@@ -2,7 +2,7 @@
 
 Every step is a plain function from pyarrow tables to a pyarrow table keyed by image ``id``
 with an ``error`` column: a row never disappears, an upstream error is carried forward, and the
-first step that fails an image names the reason (see :data:`FAILURE_REASONS`). Model-backed
+first step that fails an image names the reason (the reasons: docs/architecture.md). Model-backed
 steps take a model or a zero-argument factory, so a model is only built when some image needs it.
 """
 
@@ -13,29 +13,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 M = TypeVar("M")
-
-FAILURE_REASONS = {
-    # corpus scan (fc_pipeline.images.ImageError codes)
-    "not_found": "the file listed in the manifest does not exist",
-    "empty_file": "the file has zero bytes",
-    "unreadable": "not a decodable image (or not an image at all)",
-    "truncated": "the image data ends early",
-    "too_large": "more pixels than max_pixels (decompression-bomb guard)",
-    # captioning
-    "empty_caption": "the provided or generated caption is empty",
-    "caption_failed": "the captioning model raised an error on the image",
-    # segmentation
-    "bad_annotation": "the provided panoptic annotation is missing, unreadable or inconsistent",
-    "no_segments": "no panoptic segment (model or annotation)",
-    "segmentation_failed": "the segmentation model raised an error on the image",
-    # phrases
-    "no_phrases": "the caption has no noun phrase",
-    # matching
-    "no_match": "no noun phrase matched a segment above the threshold",
-    "no_person": "phrases matched segments, but none of them is a person",
-    # sharding
-    "shard_failed": "the image or its segment map could not be packed into the shard",
-}
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

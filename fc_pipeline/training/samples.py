@@ -24,8 +24,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from fc_pipeline.model.prompts import subject_token_indices_from_spans
 
-REGIMES = ("unconditional", "text_only", "subjects")
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
