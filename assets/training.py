@@ -29,7 +29,7 @@ from pydantic import Field
 
 from fc_pipeline.storage import write_json
 from fc_pipeline.training.launch import training_command
-from fc_pipeline.training.train import OOM_EXIT_CODE
+from fc_pipeline.training.train import OOM_EXIT_CODE, TINY_PRESET, TrainConfig
 
 from .checks import failed_shard_checks
 from .dataset import SHARDS, shards_version, training_shards
@@ -37,6 +37,7 @@ from .deployment import TRAINING_OP_TAGS, training_workers
 from .metadata import save_preview
 from .partitions import corpus_partitions, latest_materialization
 from .resources import GPU_POOL, DatasetStore
+from .settings import config_class
 
 DATA_VERSION_TAG = "dagster/data_version"
 OOM_RETRIES = 2
@@ -52,11 +53,22 @@ RUN_INDEPENDENT = (
     "train_batch_size",
     "gradient_accumulation_steps",
 )
+# TrainConfig fields the asset sets itself: the data, the run directory, no progress bar
+LIBRARY_ONLY = ("shards", "output_dir", "progress")
 
 
-class TrainingConfig(dg.Config):
-    """Hyper-parameters of the run. Defaults: the CPU demo (``TrainConfig.tiny``); paper values in
-    each description (8 GPUs × batch 16, 150k steps)."""
+HyperParameters = config_class(
+    TrainConfig,
+    "HyperParameters",
+    "The library's TrainConfig fields (fc_pipeline.training.train), CPU demo defaults.",
+    exclude=LIBRARY_ONLY,
+    defaults=TINY_PRESET,
+)
+
+
+class TrainingConfig(HyperParameters):
+    """Hyper-parameters of the run: every field of the library's ``TrainConfig`` (defaults: the CPU demo,
+    ``TINY_PRESET``; paper values in each description) plus which data and how many processes."""
 
     corpora: list[str] = Field(
         default=[], description="Corpora (partitions) to train on; empty: every registered corpus with shards."
@@ -67,43 +79,11 @@ class TrainingConfig(dg.Config):
     require_passing_checks: bool = Field(
         default=True, description="Refuse corpora whose blocking shard checks did not pass."
     )
-    profile: str = Field(
-        default="tiny", description="Model profile: tiny (random, offline) or paper (SD 1.5 + CLIP-L/14)."
-    )
-    pretrained: str = Field(
-        default="", description="Start from this FastComposer checkpoint; empty: the profile's weights."
-    )
-    resolution: int = Field(default=64, description="Training image size in px; 0: the profile's (paper 512).")
-    train_batch_size: int = Field(default=4, description="Per-process batch (paper 16 per GPU).")
-    gradient_accumulation_steps: int = Field(default=1, description="Micro-batches per optimiser step (paper 1).")
-    max_steps: int = Field(default=30, description="Optimiser steps (paper 150,000).")
-    learning_rate: float = Field(default=1e-5, description="AdamW learning rate, constant (paper 1e-5).")
-    weight_decay: float = Field(default=0.01, description="AdamW weight decay (paper 0.01).")
-    max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm (paper 1.0).")
-    localization_weight: float = Field(default=1e-3, description="λ of L_loc (paper 0.001); 0 turns L_loc off.")
-    mask_loss_prob: float = Field(
-        default=0.5, description="Share of samples whose L_noise is masked to the subjects (paper 0.5)."
-    )
-    localization_layers: list[str] = Field(
-        default=[], description="UNet attn2 module prefixes for L_loc; empty: the profile's."
-    )
-    image_encoder_trainable_blocks: int = Field(default=2, description="Last CLIP vision blocks trained (paper 2).")
-    max_subjects: int = Field(default=4, description="Subjects per image at most (paper 4).")
-    unconditional_prob: float = Field(default=0.1, description="Share of samples with an empty caption (paper 0.1).")
-    text_only_prob: float = Field(default=0.1, description="Share of samples without subject augmentation (paper 0.1).")
-    subject_drop_prob: float = Field(default=0.1, description="Probability of dropping each subject (paper 0.1).")
-    mixed_precision: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), no, fp16 or bf16.")
-    gradient_checkpointing: bool = Field(default=False, description="Trade compute for UNet activation memory.")
-    checkpoint_every: int = Field(default=15, description="Save a checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(default=2, description="Newest checkpoints kept.")
-    seed: int = Field(default=42, description="Seed of the model's noise and of the data stream.")
-    num_workers: int = Field(default=0, description="DataLoader worker processes.")
-    resume: bool = Field(default=True, description="Resume the run's newest checkpoint, if any.")
     num_processes: int = Field(
-        default=0, description="Training processes per machine; 0: one per visible GPU, else 1 (paper 8)."
+        default=0, ge=0, description="Training processes per machine; 0: one per visible GPU, else 1 (paper 8)."
     )
     num_machines: int = Field(
-        default=1, description="Machines of a multi-node run (this step is rank 0; see docs/deploy-k8s.md)."
+        default=1, ge=1, description="Machines of a multi-node run (this step is rank 0; see docs/deploy-k8s.md)."
     )
     main_process_ip: str = Field(
         default="",
@@ -112,19 +92,11 @@ class TrainingConfig(dg.Config):
             "from this step's pod."
         ),
     )
-    main_process_port: int = Field(default=29500, description="Rendezvous port of a multi-node run.")
+    main_process_port: int = Field(default=29500, ge=1, le=65535, description="Rendezvous port of a multi-node run.")
 
 
 # asset-only fields: which data, how many processes; the rest is the library's TrainConfig
-ASSET_ONLY = (
-    "corpora",
-    "shards",
-    "require_passing_checks",
-    "num_processes",
-    "num_machines",
-    "main_process_ip",
-    "main_process_port",
-)
+ASSET_ONLY = tuple(name for name in TrainingConfig.model_fields if name not in HyperParameters.model_fields)
 
 
 def training_corpora(context: dg.AssetExecutionContext, config: TrainingConfig, store: DatasetStore) -> list[str]:
@@ -163,13 +135,9 @@ def train_config(
 ):
     """The library's ``TrainConfig`` of the asset config, in the run's own directory; retry ``k``
     after an out-of-memory exit uses a 2^k times smaller batch with 2^k times the accumulation."""
-    from fc_pipeline.training.train import TrainConfig
-
     options = config.model_dump(exclude=set(ASSET_ONLY))
     split = min(2**retry, options["train_batch_size"])
     options.update(
-        pretrained=config.pretrained or None,
-        resolution=config.resolution or None,
         localization_layers=config.localization_layers or None,
         train_batch_size=options["train_batch_size"] // split,
         gradient_accumulation_steps=options["gradient_accumulation_steps"] * split,

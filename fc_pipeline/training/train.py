@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from fc_pipeline.profiles import PROFILES
+from fc_pipeline.settings import setting, validate
 from fc_pipeline.storage import atomic_write, write_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -40,41 +42,60 @@ OOM_EXIT_CODE = 75  # EX_TEMPFAIL: the accelerator ran out of memory; a smaller 
 
 @dataclass
 class TrainConfig:
-    """All hyper-parameters of a run. Defaults are the paper's (per-device batch 16 × 8 GPUs)."""
+    """All hyper-parameters of a run, each declared once: the ``train`` command's flags and the Dagster
+    config of ``fastcomposer_checkpoint`` derive from these fields. Defaults are the paper's
+    (per-device batch 16 × 8 GPUs); :data:`TINY_PRESET` is the CPU demo."""
 
-    shards: str | list[str]  # dataset directory (with train/*.tar) or one shard URL, or a list of them
-    output_dir: str
-    profile: str = "paper"
-    pretrained: str | None = None  # start from this FastComposer checkpoint instead of the profile
-    resolution: int | None = None  # None: the profile's
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 150_000
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    localization_weight: float = 1e-3  # λ; 0 turns L_loc off (the paper's ablation)
-    mask_loss_prob: float = 0.5
-    localization_layers: list[str] | None = None  # None: the profile's
-    image_encoder_trainable_blocks: int = 2
-    max_subjects: int = 4
-    unconditional_prob: float = 0.1
-    text_only_prob: float = 0.1
-    subject_drop_prob: float = 0.1
-    mixed_precision: str = "auto"  # auto: bf16 on GPU, no (fp32) on CPU
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    seed: int = 42
-    num_workers: int = 0
-    resume: bool = True
-    progress: bool = True
+    shards: str | list[str] = setting(help="Dataset directory (with train/*.tar) or one shard URL, or a list of them.")
+    output_dir: str = setting(help="Run directory: checkpoints, metrics.jsonl, metrics.json.")
+    profile: str = setting(
+        "paper", "Model profile: tiny (random, offline) or paper (SD 1.5 + CLIP-L/14).", choices=PROFILES
+    )
+    pretrained: str | None = setting(None, "Start from this FastComposer checkpoint instead of the profile's weights.")
+    resolution: int | None = setting(None, "Training image size in px; empty: the profile's.", paper=512, min=8)
+    train_batch_size: int = setting(16, "Per-process batch.", paper="16 per GPU × 8 GPUs", min=1)
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimiser step.", paper=1, min=1)
+    max_steps: int = setting(150_000, "Optimiser steps.", paper=150_000, min=1)
+    learning_rate: float = setting(1e-5, "AdamW learning rate, constant.", paper=1e-5, above=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", paper=0.01, min=0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", paper=1.0, above=0)
+    localization_weight: float = setting(
+        1e-3, "λ of L_loc; 0 turns L_loc off (the paper's ablation).", paper=1e-3, min=0
+    )
+    mask_loss_prob: float = setting(
+        0.5, "Share of samples whose L_noise is masked to the subjects.", paper=0.5, min=0, max=1
+    )
+    localization_layers: list[str] | None = setting(
+        None,
+        "UNet attn2 module prefixes for L_loc; empty: the profile's.",
+        paper="down_blocks.1/2, mid_block, up_blocks.1/2",
+    )
+    image_encoder_trainable_blocks: int = setting(2, "Last CLIP vision blocks trained.", paper=2, min=0)
+    max_subjects: int = setting(4, "Subjects per image at most.", paper=4, min=1)
+    unconditional_prob: float = setting(0.1, "Share of samples with an empty caption.", paper=0.1, min=0, max=1)
+    text_only_prob: float = setting(0.1, "Share of samples without subject augmentation.", paper=0.1, min=0, max=1)
+    subject_drop_prob: float = setting(0.1, "Probability of dropping each subject.", paper=0.1, min=0, max=1)
+    mixed_precision: str = setting(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), no, fp16 or bf16.",
+        paper="bf16",
+        choices=("auto", "no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = setting(False, "Trade compute for UNet activation memory.")
+    checkpoint_every: int = setting(200, "Save a checkpoint every N steps (and at the end).", min=1)
+    keep_checkpoints: int = setting(2, "Newest checkpoints kept; 0 keeps all.", min=0)
+    seed: int = setting(42, "Seed of the model's noise and of the data stream.")
+    num_workers: int = setting(0, "DataLoader worker processes.", min=0)
+    resume: bool = setting(True, "Resume the run's newest checkpoint, if any.")
+    progress: bool = setting(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        validate(self)
 
     @classmethod
     def tiny(cls, shards: str | list[str], output_dir: str, **overrides: Any) -> TrainConfig:
-        """The CPU demo preset: tiny random models, 64 px, batch 4, 30 steps."""
-        preset = dict(profile="tiny", resolution=64, train_batch_size=4, max_steps=30, checkpoint_every=15)
-        return cls(shards=shards, output_dir=output_dir, **{**preset, **overrides})
+        """The CPU demo preset (:data:`TINY_PRESET`): tiny random models, 64 px, batch 4, 30 steps."""
+        return cls(shards=shards, output_dir=output_dir, **{**TINY_PRESET, **overrides})
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -83,6 +104,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) in {path}: {sorted(unknown)}")
         return cls(**data)
+
+
+# the CPU demo: what `fc-pipeline train --preset tiny` and the Dagster asset use by default
+TINY_PRESET = dict(profile="tiny", resolution=64, train_batch_size=4, max_steps=30, checkpoint_every=15)
 
 
 @dataclass
