@@ -12,9 +12,11 @@ and its sidecar exist, and is never rewritten. A re-run writes the samples whose
 sidecar into new shards numbered after the last one of their split. Only a change of the settings
 in ``_dataset.json`` (or ``rebuild=True``) rewrites every shard. The tar, then its sidecar, is
 written under a temp name and renamed: a killed run leaves at most a tar without a sidecar, which
-the next run removes and writes again. A sample in a shard keeps what it was written with: one the
-corpus has changed since (an edited caption) counts as ``stale`` until a rebuild, one whose image
-left the corpus stays in its shard (``orphaned``).
+the next run removes and writes again. A writer holds the folder's lock
+(:func:`fc_pipeline.locks.writer_lock`) from start to end: a second one is refused, so no sample is
+ever written twice, and only the holder removes temp files. A sample in a shard keeps what it was
+written with: one the corpus has changed since (an edited caption) counts as ``stale`` until a
+rebuild, one whose image left the corpus stays in its shard (``orphaned``).
 
 The split is per image id, so a sample never changes split as the corpus grows:
 ``u(id) = int(sha256("split:" + id)[:16], 16) / 2**64``, and a new sample goes to ``val`` iff
@@ -43,7 +45,8 @@ from tqdm.auto import tqdm
 from fc_pipeline.data import batches
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import ImageError, load_image
-from fc_pipeline.storage import TEMP_SUFFIX, atomic_write, write_json, write_parquet
+from fc_pipeline.locks import remove_temp_files, writer_lock
+from fc_pipeline.storage import atomic_write, write_json, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,8 @@ def write_shards(
     ``appended`` (samples written), ``written``/``skipped`` (shard paths written / kept),
     ``stale`` (samples in a shard whose metadata the corpus has changed since: ``rebuild`` to
     refresh them) and ``orphaned`` (samples in a shard whose image left the corpus). ``paths``:
-    out_dir, the failures ledger, the shards of each split.
+    out_dir, the failures ledger, the shards of each split. Raises
+    :class:`~fc_pipeline.locks.WriterLockHeld` while another writer holds ``out_dir``.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -111,7 +115,26 @@ def write_shards(
         raise ValueError(f"val_max must be >= 0, got {val_max}")
     out_dir = Path(out_dir)
     records, ledger = _join(corpus, phrases, segments, matches, models or {})
-    settings = json.loads(json.dumps({"models": models or {}, "val_fraction": val_fraction, "val_max": val_max}))
+    with writer_lock(out_dir, what="shard writer"):
+        remove_temp_files(out_dir)
+        return _update_shards(
+            corpus, records, ledger, out_dir, samples_per_shard, val_fraction, val_max, models or {}, rebuild
+        )
+
+
+def _update_shards(
+    corpus: pa.Table,
+    records: dict,
+    ledger: list[dict],
+    out_dir: Path,
+    samples_per_shard: int,
+    val_fraction: float,
+    val_max: int,
+    models: dict,
+    rebuild: bool,
+) -> dict:
+    """The body of :func:`write_shards`, run holding the dataset folder's lock."""
+    settings = json.loads(json.dumps({"models": models, "val_fraction": val_fraction, "val_max": val_max}))
     reason = "rebuild requested" if rebuild else _settings_change(out_dir, settings)
     if reason:
         logger.warning("rewriting every shard of %s: %s", out_dir, reason)
@@ -213,11 +236,12 @@ def shard_urls(out_dir: str | Path, split: str = "train") -> list[str]:
     return found if "file" in protocols else [fs.unstrip_protocol(path) for path in found]
 
 
-def read_samples(url_or_dir: str | Path | list[str], split: str = "train") -> Iterator[dict]:
-    """Samples ``{"id", "image" (PIL RGB), "meta" (the json), "seg" (uint16 HxW)}`` via webdataset.
+def read_raw_samples(url_or_dir: str | Path | list[str], split: str = "train") -> Iterator[dict]:
+    """The tar members of each sample, undecoded: ``{"__key__", "jpg", "json", "seg.png"}`` (bytes).
 
     ``url_or_dir`` is a dataset folder/URL (its ``split`` shards are read), a shard URL or
-    brace pattern, or a list of shard URLs.
+    brace pattern, or a list of shard URLs. Reading raw members is cheap; :func:`decode_sample`
+    is the expensive part, so a reader that only needs some samples decodes only those.
     """
     import webdataset as wds
 
@@ -229,16 +253,25 @@ def read_samples(url_or_dir: str | Path | list[str], split: str = "train") -> It
         urls = shard_urls(url_or_dir, split)
         if not urls:
             return
-    # No node/worker splitting here: the training loader (TrainingSamples) strides samples across
-    # processes and DataLoader workers itself, so every process reads every shard.
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    for sample in dataset:
-        yield {
-            "id": sample["__key__"],
-            "image": load_image(sample["jpg"]),
-            "meta": json.loads(sample["json"]),
-            "seg": read_id_map(sample["seg.png"]),
-        }
+    # No node/worker splitting here: the training loader (TrainingSamples) decides which stream
+    # owns which shard or sample.
+    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+
+
+def decode_sample(raw: dict) -> dict:
+    """``{"id", "image" (PIL RGB), "meta" (the json), "seg" (uint16 HxW)}`` of a raw sample."""
+    return {
+        "id": raw["__key__"],
+        "image": load_image(raw["jpg"]),
+        "meta": json.loads(raw["json"]),
+        "seg": read_id_map(raw["seg.png"]),
+    }
+
+
+def read_samples(url_or_dir: str | Path | list[str], split: str = "train") -> Iterator[dict]:
+    """Decoded samples (see :func:`decode_sample`) of a dataset folder, shard URL(s) or pattern."""
+    for raw in read_raw_samples(url_or_dir, split):
+        yield decode_sample(raw)
 
 
 def _join(corpus: pa.Table, phrases: pa.Table, segments: pa.Table, matches: pa.Table, models: dict):
@@ -313,10 +346,10 @@ def _settings_change(out_dir: Path, settings: dict) -> str | None:
 
 def _complete_shards(split_dir: Path) -> dict[str, ShardIndex]:
     """The complete shards of a split by name; removes temp files, tars without a readable
-    sidecar (a killed run: their samples are written again) and sidecars without a tar."""
+    sidecar (a killed run: their samples are written again) and sidecars without a tar.
+    Only the holder of the dataset folder's lock may call it."""
     split_dir.mkdir(parents=True, exist_ok=True)
-    for temp in split_dir.glob(f".*{TEMP_SUFFIX}"):
-        temp.unlink()
+    remove_temp_files(split_dir)
     complete = {}
     for shard in sorted(path for path in split_dir.glob("[0-9]*.tar") if path.stem.isdigit()):
         index = _read_sidecar(shard.with_suffix(".parquet"))

@@ -2,9 +2,11 @@
 
 Per sample: the target image (resize + centre crop, in [-1, 1]), the caption's token ids, and per
 subject a reference image (its segment's bounding-box crop with the background replaced by noise,
-CLIP-normalised 224²), its noun token and its mask. The sampling regime of the paper is drawn per
-sample: 10 % unconditional (empty caption), 10 % text-only (no subject augmentation), otherwise
-each subject is dropped with p = 0.1, at most ``max_subjects`` per image.
+padded to a square and CLIP-normalised by ``fc_pipeline.model.references``, as at inference), its
+noun token and its mask. The sampling regime of the paper is drawn per sample: 10 % unconditional
+(empty caption), 10 % text-only (no subject augmentation), otherwise each subject is dropped with
+p = 0.1, at most ``max_subjects`` per image. With ``augmentation`` the official code's random
+augmentations apply: to each reference, and a horizontal flip of the target with its masks.
 
 Streams shard by shard; deterministic given a seed (every random draw of a sample comes from a
 generator seeded by ``(seed, epoch, shard, sample)``), and resumable from a ``DataPosition``.
@@ -20,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from fc_pipeline.model.prompts import subject_token_indices_from_spans
+from fc_pipeline.model.references import REFERENCE_FILLS, ReferenceAugmentation, subject_reference
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How shards become training samples (paper defaults)."""
+    """How shards become training samples (paper defaults; ``augmentation`` off unless given)."""
 
     resolution: int = 512
     reference_size: int = 224
@@ -37,6 +39,12 @@ class SamplingConfig:
     subject_drop_prob: float = 0.1
     subject_labels: tuple[str, ...] = ("person",)  # segment labels that may become subjects
     latent_scale: int = 8  # the VAE's downsampling factor (SD: 8; the tiny VAE: 2)
+    reference_fill: str = "zeros"  # padding of a reference to a square: "zeros" (official) or "noise"
+    augmentation: ReferenceAugmentation | None = None  # None: no augmentation
+
+    def __post_init__(self):
+        if self.reference_fill not in REFERENCE_FILLS:
+            raise ValueError(f"unknown reference_fill {self.reference_fill!r}; choose one of {REFERENCE_FILLS}")
 
     @property
     def mask_size(self) -> int:
@@ -54,6 +62,19 @@ class DataPosition:
 
     def as_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample}
+
+
+def data_state(positions: dict[int, DataPosition], phase: int) -> dict[str, Any]:
+    """The loader's resume state as JSON: each stream's last consumed position and the worker phase."""
+    return {"phase": phase, "positions": {str(s): p.as_dict() for s, p in sorted(positions.items())}}
+
+
+def read_data_state(state: dict[str, Any]) -> tuple[dict[int, DataPosition], int]:
+    """``(positions by stream, phase)`` of :func:`data_state` (a one-stream ``position`` is stream 0)."""
+    if "position" in state:
+        return {0: DataPosition(**state["position"])}, 0
+    positions = {int(s): DataPosition(**p) for s, p in state["data"]["positions"].items()}
+    return positions, int(state["data"]["phase"])
 
 
 def draw_conditioning(rng: np.random.Generator, num_subjects: int, config: SamplingConfig) -> tuple[str, np.ndarray]:
@@ -74,24 +95,6 @@ def _resize_crop(image: Image.Image, size: int, resample: Image.Resampling) -> I
     image = image.resize((width, height), resample)
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
-
-
-def subject_reference(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """CLIP-normalised ``[3, size, size]`` reference: the mask's bounding box, background (and the
-    padding to a square) replaced by uniform noise, so that at inference plain photos work."""
-    rows, cols = np.nonzero(mask)
-    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    crop, inside = image[top:bottom, left:right], mask[top:bottom, left:right]
-    side = max(crop.shape[:2])
-    canvas = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-    y, x = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-    region = canvas[y : y + crop.shape[0], x : x + crop.shape[1]]
-    region[inside] = crop[inside]
-    resized = Image.fromarray(canvas).resize((size, size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
-    return (pixels - mean) / std
 
 
 def _subject_candidates(meta: dict, seg: np.ndarray, labels: Sequence[str]) -> list[dict]:
@@ -116,8 +119,12 @@ def prepare_sample(sample: dict, tokenizer, config: SamplingConfig, rng: np.rand
         candidates = [candidates[i] for i in chosen]
     regime, keep = draw_conditioning(rng, len(candidates), config)
 
-    target = _resize_crop(image, config.resolution, Image.Resampling.BICUBIC)
-    target_seg = np.asarray(_resize_crop(Image.fromarray(seg), config.resolution, Image.Resampling.NEAREST))
+    augmentation = config.augmentation
+    target, target_seg = image, seg
+    if augmentation is not None and rng.random() < augmentation.target_flip_prob:
+        target, target_seg = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), np.ascontiguousarray(seg[:, ::-1])
+    target = _resize_crop(target, config.resolution, Image.Resampling.BICUBIC)
+    target_seg = np.asarray(_resize_crop(Image.fromarray(target_seg), config.resolution, Image.Resampling.NEAREST))
     caption = "" if regime == "unconditional" else meta["caption"]
     # a subject cropped away by the centre crop cannot be localised: treat it as dropped
     kept = [s for s, k in zip(candidates, keep) if k and (target_seg == s["segment_id"]).any()]
@@ -132,7 +139,9 @@ def prepare_sample(sample: dict, tokenizer, config: SamplingConfig, rng: np.rand
     valid = torch.zeros(slots, dtype=torch.bool)
     original = np.asarray(image)
     for slot, (subject, token) in enumerate(zip(kept, token_index)):
-        references[slot] = subject_reference(original, seg == subject["segment_id"], size, rng)
+        references[slot] = subject_reference(
+            original, seg == subject["segment_id"], size, rng, fill=config.reference_fill, augmentation=augmentation
+        )
         full_mask = torch.from_numpy(target_seg == subject["segment_id"]).float()[None, None]
         masks[slot] = F.interpolate(full_mask, size=(mask_size, mask_size), mode="area")[0, 0]
         index[slot], valid[slot] = token, True
@@ -152,10 +161,20 @@ def prepare_sample(sample: dict, tokenizer, config: SamplingConfig, rng: np.rand
 class TrainingSamples(torch.utils.data.IterableDataset):
     """Endless stream of prepared samples over shard URLs, epoch after epoch.
 
-    Shard order is reshuffled each epoch from the seed. ``start`` resumes right after a position
-    (whole shards before it are skipped unread). Under several processes (``rank``/``world_size``)
-    or DataLoader workers each takes every n-th sample of the same stream. Samples that cannot be
-    prepared are skipped with their id counted in ``skipped`` (never crash a run).
+    Shard order is reshuffled each epoch from the seed. The stream is split between
+    ``world_size`` processes × DataLoader workers ("streams"), and no stream decodes a sample it
+    does not own: with at least as many shards as streams, stream ``s`` reads only the shards
+    ``s, s + S, …`` of the epoch's order; with fewer, every stream reads the raw tar members and
+    decodes only the samples ``s, s + S, …`` of the epoch. Every sample is used exactly once per
+    epoch across all streams (a dataset with fewer samples than streams repeats samples so that
+    every stream still gets one).
+
+    ``start`` resumes each stream right after its own position (``{stream: DataPosition}``, or
+    one position for a single stream); whole shards before it are skipped unread. ``phase`` is
+    the number of batches the DataLoader had delivered (mod the number of workers): the worker
+    that delivers the next batch takes over the stream that was due, so a resumed run sees
+    exactly the batches an uninterrupted one would. Samples that cannot be prepared are skipped
+    with their id counted in ``skipped`` (never crash a run).
     """
 
     def __init__(
@@ -164,52 +183,81 @@ class TrainingSamples(torch.utils.data.IterableDataset):
         tokenizer,
         config: SamplingConfig = SamplingConfig(),
         seed: int = 0,
-        start: DataPosition = DataPosition(),
+        start: DataPosition | dict[int, DataPosition] = DataPosition(),
         rank: int = 0,
         world_size: int = 1,
+        phase: int = 0,
     ):
         if not urls:
             raise ValueError("no training shards given")
         self.urls, self.tokenizer, self.config = list(urls), tokenizer, config
-        self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
+        self.seed, self.rank, self.world_size, self.phase = seed, rank, world_size, phase
+        self.start = dict(start) if isinstance(start, dict) else {rank: start}
         self.skipped: list[str] = []
 
     def shard_order(self, epoch: int) -> list[str]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
         return [self.urls[i] for i in order]
 
-    def _stride(self) -> tuple[int, int]:
+    def stream(self) -> tuple[int, int]:
+        """(this stream's index, number of streams) for the calling process and DataLoader worker."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return self.rank * workers + (worker + self.phase) % workers, self.world_size * workers
+
+    def _owned(self, epoch: int, index: int, count: int) -> Iterator[tuple[DataPosition, dict]]:
+        """The raw samples stream ``index`` of ``count`` owns in ``epoch``, with their positions."""
+        from fc_pipeline.data.shards import read_raw_samples
+
+        order = self.shard_order(epoch)
+        start = self.start.get(index, DataPosition())
+        if len(order) >= count:  # whole shards per stream
+            for shard in range(index, len(order), count):
+                if (epoch, shard) < (start.epoch, start.shard):
+                    continue
+                for number, raw in enumerate(read_raw_samples(order[shard])):
+                    yield DataPosition(epoch, shard, number), raw
+            return
+        # fewer shards than streams: split the epoch's samples on raw members, before any decode
+        seen = 0
+        for shard, url in enumerate(order):
+            for number, raw in enumerate(read_raw_samples(url)):
+                if seen % count == index:
+                    yield DataPosition(epoch, shard, number), raw
+                seen += 1
+        if 0 < seen <= index:  # fewer samples than streams: this stream repeats one
+            wanted, seen = index % seen, 0
+            for shard, url in enumerate(order):
+                for number, raw in enumerate(read_raw_samples(url)):
+                    if seen == wanted:
+                        yield DataPosition(epoch, shard, number), raw
+                        return
+                    seen += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from fc_pipeline.data.shards import read_samples
+        from fc_pipeline.data.shards import decode_sample
 
-        offset, stride = self._stride()
-        epoch, counter = self.start.epoch, 0
+        index, count = self.stream()
+        start = self.start.get(index, DataPosition())
+        epoch = start.epoch
         while True:
             yielded = False
-            for shard, url in enumerate(self.shard_order(epoch)):
-                if (epoch, shard) < (self.start.epoch, self.start.shard):
+            for position, raw in self._owned(epoch, index, count):
+                if position <= start:
                     continue
-                for number, sample in enumerate(read_samples(url)):
-                    position = DataPosition(epoch, shard, number)
-                    if position <= self.start:
-                        continue
-                    counter += 1
-                    if (counter - 1) % stride != offset:
-                        continue
-                    rng = np.random.default_rng([self.seed, epoch, shard, number])
-                    try:
-                        prepared = prepare_sample(sample, self.tokenizer, self.config, rng)
-                    except (ValueError, KeyError) as exc:
-                        self.skipped.append(f"{sample.get('id')}: {exc}")
-                        continue
-                    yielded = True
-                    yield {**prepared, "position": position}
-            if not yielded and epoch > self.start.epoch:
-                raise RuntimeError(f"no usable training sample in {len(self.urls)} shard(s); see `skipped`")
+                rng = np.random.default_rng([self.seed, position.epoch, position.shard, position.sample])
+                try:
+                    prepared = prepare_sample(decode_sample(raw), self.tokenizer, self.config, rng)
+                except (ValueError, KeyError) as exc:
+                    self.skipped.append(f"{raw.get('__key__')}: {exc}")
+                    continue
+                yielded = True
+                yield {**prepared, "position": position, "stream": index}
+            if not yielded and epoch > start.epoch:
+                raise RuntimeError(
+                    f"no usable training sample for stream {index} of {count} in {len(self.urls)} shard(s); "
+                    "see `skipped`"
+                )
             epoch += 1
 
 

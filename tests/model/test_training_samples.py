@@ -1,7 +1,10 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from fc_pipeline.data.shards import shard_urls
 from fc_pipeline.training.samples import (
@@ -60,14 +63,23 @@ def test_prepared_sample_contents(tokenizer):
     masks = out["subject_masks"]
     assert masks.shape == (4, 8, 8) and masks[2:].sum() == 0
     assert masks[0, 2:6, 0].min() > 0.2 and masks[0, :, 4:].sum() == 0
-    # the reference keeps the subject's pixels and replaces its background with noise
+    # the reference keeps the subject's pixels; its padding to a square is black (official
+    # PadToSquare(fill=0); it was noise before, now the "noise" option, checked below)
     again = prepare_sample(sample, tokenizer, config, np.random.default_rng(1))
     other = prepare_sample(sample, tokenizer, config, np.random.default_rng(2))
     assert torch.equal(out["subject_pixel_values"], again["subject_pixel_values"])
     reference, other_reference = out["subject_pixel_values"][0], other["subject_pixel_values"][0]
     centre = (slice(None), slice(100, 124), slice(100, 124))
     assert torch.allclose(reference[centre], other_reference[centre], atol=1e-5)  # inside the subject
-    assert (reference[:, :, :20] - other_reference[:, :, :20]).abs().mean() > 0.3  # padding / background
+    black = -torch.tensor(OPENAI_CLIP_MEAN) / torch.tensor(OPENAI_CLIP_STD)
+    assert torch.allclose(reference[:, :, :20], black[:, None, None].expand(3, 224, 20), atol=1e-5)
+    noisy = dataclasses.replace(config, reference_fill="noise")
+    noise, other_noise = (prepare_sample(sample, tokenizer, noisy, np.random.default_rng(k)) for k in (1, 2))
+    assert (
+        noise["subject_pixel_values"][0, :, :, :20] - other_noise["subject_pixel_values"][0, :, :, :20]
+    ).abs().mean() > 0.3
+    with pytest.raises(ValueError, match="reference_fill"):
+        SamplingConfig(reference_fill="grey")
 
 
 def test_regimes_and_max_subjects(tokenizer):
@@ -114,10 +126,10 @@ def test_stream_is_deterministic_and_resumes_after_a_position(synthetic_shards, 
     resumed = take(5, start=first[5]["position"])
     assert [s["position"] for s in resumed] == [s["position"] for s in first[6:11]]
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(resumed, first[6:]))
-    # two processes split the stream between them
+    # two processes split the epoch between them: one shard each (2 shards of 4)
     rank0, rank1 = take(4, rank=0, world_size=2), take(4, rank=1, world_size=2)
-    assert [s["id"] for s in rank0] == [s["id"] for s in first[0:8:2]]
-    assert [s["id"] for s in rank1] == [s["id"] for s in first[1:8:2]]
+    assert [s["id"] for s in rank0] == [s["id"] for s in first[0:4]]
+    assert [s["id"] for s in rank1] == [s["id"] for s in first[4:8]]
     batch = collate_samples(first[:3])
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and len(batch["position"]) == 3
     assert DataPosition(0, 1, 2) < DataPosition(1, 0, 0)
