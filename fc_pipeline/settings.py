@@ -111,14 +111,14 @@ def add_arguments(
     exclude: Iterable[str] = (),
     aliases: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """One flag per field of ``cls`` (``--field-name``, plus ``aliases[name]``); returns the field names.
+) -> dict[str, str]:
+    """One flag per field of ``cls`` (``--field-name``, plus ``aliases[name]``); returns ``{field: flag}``.
 
     Flags default to ``None`` (the dataclass's default applies; :func:`given` collects the others);
     the help shows the default (``defaults`` overrides what is shown) and the paper's value.
     """
     aliases, defaults = aliases or {}, defaults or {}
-    names = []
+    flags = {}
     for field in dataclasses.fields(cls):
         if field.name in exclude:
             continue
@@ -136,8 +136,8 @@ def add_arguments(
             if field.metadata.get("choices") is not None:
                 options.update(choices=field.metadata["choices"], metavar=None)
         parser.add_argument(*strings, **options)
-        names.append(field.name)
-    return names
+        flags[field.name] = strings[0]
+    return flags
 
 
 def given(args: argparse.Namespace, cls: type, names: Iterable[str]) -> dict[str, Any]:

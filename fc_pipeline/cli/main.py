@@ -9,6 +9,32 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fc_pipeline.settings import SettingError, add_arguments, given
+
+
+class _Parser(argparse.ArgumentParser):
+    """A sub-command parser that adds its settings flags (``defer``) only when it is used: they come
+    from settings dataclasses in modules that import torch, and ``fc-pipeline --help`` should not."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deferred = []
+
+    def defer(self, add) -> None:
+        self._deferred.append(add)
+
+    def _complete(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
 
 # --- demo ---
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +158,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a FastComposer checkpoint from webdataset shards",
         description="Train (or resume) FastComposer. Options given on the command line override --config / --preset; "
-        "the rest are the paper's defaults. "
+        "the rest are the paper's defaults. One flag per fc_pipeline.training.train.TrainConfig field. "
         "Several GPUs: accelerate launch -m fc_pipeline.training.train --config cfg.json",
     )
     p.add_argument("--config", metavar="JSON", help="a JSON file of fc_pipeline.training.train.TrainConfig fields")
@@ -143,21 +169,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="dataset directories with train/*.tar (or .tar URLs); several train on all of them",
     )
     p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, metrics.jsonl, metrics.json")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: the CPU demo (tiny profile, 64 px, batch 4, 30 steps)")
-    p.add_argument("--profile", choices=["tiny", "paper"], help="model profile (default: paper, or the preset's)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (paper 150000)")
-    p.add_argument(
-        "--batch-size", type=int, dest="train_batch_size", metavar="N", help="per-process batch size (paper 16)"
-    )
-    p.add_argument("--lr", type=float, dest="learning_rate", metavar="LR", help="AdamW learning rate (paper 1e-5)")
-    p.add_argument("--localization-weight", type=float, metavar="λ", help="λ of L_loc (paper 0.001; 0 turns it off)")
-    p.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="resume from the newest checkpoint in --out (default: yes)",
-    )
-    p.set_defaults(func=_run_train)
+    p.defer(_add_train_settings)
+    p.set_defaults(func=_run_train, parser=p)
+
+
+def _add_train_settings(p: argparse.ArgumentParser) -> None:
+    from fc_pipeline.training.train import TINY_PRESET, TrainConfig
+
+    preset = ", ".join(f"{k} {v}" for k, v in TINY_PRESET.items())
+    p.add_argument("--preset", choices=["tiny"], help=f"tiny: the CPU demo ({preset})")
+    aliases = {"train_batch_size": "--batch-size", "learning_rate": "--lr"}
+    p.set_defaults(flags=add_arguments(p, TrainConfig, exclude=("shards", "output_dir"), aliases=aliases))
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -165,22 +187,21 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from fc_pipeline.training.train import TrainConfig, train
 
-    names = ("shards", "profile", "max_steps", "train_batch_size", "learning_rate", "localization_weight", "resume")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    overrides = given(args, TrainConfig, args.flags)
     if args.shards is not None:
         overrides["shards"] = args.shards[0] if len(args.shards) == 1 else args.shards
     if args.out is not None:
         overrides["output_dir"] = args.out
+    if not args.config and ("shards" not in overrides or "output_dir" not in overrides):
+        args.parser.error("give --shards and --out (or --config)")
     try:
         if args.config:
             config = dataclasses.replace(TrainConfig.from_json(args.config), **overrides)
-        elif "shards" not in overrides or "output_dir" not in overrides:
-            raise ValueError("give --shards and --out (or --config)")
-        elif args.preset == "tiny":
-            config = TrainConfig.tiny(**overrides)
         else:
-            config = TrainConfig(**overrides)
+            config = TrainConfig.tiny(**overrides) if args.preset == "tiny" else TrainConfig(**overrides)
         result = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except SettingError:
+        raise
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"train: {exc}") from None
     print(f"{result.steps} steps: loss {result.loss:.4f} (L_noise {result.l_noise:.4f}, L_loc {result.l_loc:.4g})")
@@ -380,4 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fc-pipeline`` console script."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SettingError as error:  # a value out of range: exit 2 naming the flag, before any work
+        flags = getattr(args, "flags", {})
+        args.parser.error(f"{flags.get(error.option, error.option)} {error.problem}")
