@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fc-pipeline",
         description="FastComposer: tuning-free multi-subject personalised text-to-image generation.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in (_add_demo, _add_instance, _add_corpus, _add_build_dataset, _add_train, _add_generate, _add_evaluate):
         add(sub)
     return parser
