@@ -62,10 +62,11 @@ def evaluate_caption_rate(table: pa.Table, min_rate: float) -> dg.AssetCheckResu
 
 def evaluate_shards_readable(shards_dir: Path) -> dg.AssetCheckResult:
     """Every sample of every split reads back (image, json with a caption, seg map of the image's
-    size) and each split holds as many samples as its ``_stats.json`` says."""
+    size), no sample id is in two shards, and each split holds as many samples as its ``_stats.json`` says."""
     from fc_pipeline.data.shards import read_samples
 
     counts, expected, problems = {}, {}, []
+    seen: dict[str, str] = {}  # sample id -> the split it was first read in
     for split in SPLITS:
         stats_path = shards_dir / split / "_stats.json"
         if not stats_path.exists():
@@ -76,6 +77,9 @@ def evaluate_shards_readable(shards_dir: Path) -> dg.AssetCheckResult:
         try:
             for sample in read_samples(shards_dir, split):
                 counts[split] += 1
+                if sample["id"] in seen:
+                    problems.append(f"{sample['id']}: in more than one shard ({seen[sample['id']]} and {split})")
+                seen.setdefault(sample["id"], split)
                 if not sample["meta"].get("caption"):
                     problems.append(f"{sample['id']}: empty caption")
                 if sample["seg"].shape != (sample["image"].height, sample["image"].width):

@@ -114,13 +114,13 @@ def read_inputs(store: DatasetStore, corpus: str, *names: str) -> list[pa.Table]
 
 
 def update_step(
-    output: Path, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table]
+    output: Path, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table], **options
 ) -> tuple[pa.Table, dict]:
     """Bring a step's table up to date (only images it has not seen are computed); the table and
-    the counts for the asset's metadata."""
+    the counts for the asset's metadata. ``options``: see :func:`~fc_pipeline.data.incremental.update_table`."""
     from fc_pipeline.data.incremental import update_table
 
-    update = update_table(output, inputs, settings, compute)
+    update = update_table(output, inputs, settings, compute, **options)
     return update.table, {
         "status": update.status,
         "computed": update.computed,
@@ -200,6 +200,7 @@ def corpus_images(
     Files already scanned keep their decode result; only new files are decoded."""
     from fc_pipeline.data.corpora import corpus_signature
     from fc_pipeline.data.corpus import scan_corpus
+    from fc_pipeline.locks import locked_output
 
     corpus = context.partition_key
     source = Path(config.source) if config.source else store.source(corpus)
@@ -215,7 +216,8 @@ def corpus_images(
     table = scan_corpus(source, previous=previous)
     unchanged = previous is not None and previous.equals(table)
     if not unchanged:
-        write_parquet(table, output)
+        with locked_output(output):
+            write_parquet(table, output)
     known = set() if previous is None else set(previous.column("id").to_pylist())
     new_ids = set(table.column("id").to_pylist()) - known
     readable = table.filter(pc.is_null(table.column("error")))
@@ -286,6 +288,7 @@ def panoptic_segments(
         lambda rows: segment_corpus(
             rows, segmenter.load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size
         ),
+        temp_dirs=[store.path(corpus, SEGMENT_MAPS)],
     )
     per_image = {r["id"]: json.loads(r["segments"] or "[]") for r in table.to_pylist() if not r["error"]}
     labels = [s["label"] for segs in per_image.values() for s in segs]

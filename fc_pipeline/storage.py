@@ -1,12 +1,15 @@
 """Atomic file writes: a temp file in the target directory, then ``os.replace``.
 
 A reader never sees a half-written file, and a killed writer leaves only a hidden ``.tmp``
-file behind (never a file under the final name).
+file behind (never a file under the final name). A write that the file system refuses (full disk,
+read-only, no permission) removes its temp file and raises :class:`WriteError`, one line naming
+the path and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -18,6 +21,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TEMP_SUFFIX = ".tmp"
+# errors that say the file system refused the write, not that an input was missing
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only file system, no permission); names the path."""
+
+    def __init__(self, path: str | Path, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot write {path}: {cause.strerror or cause}")
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _default_file_mode() -> int:
@@ -36,8 +52,11 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write supports mode 'wb' or 'w', not {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     try:
         with os.fdopen(fd, mode, encoding=encoding or ("utf-8" if mode == "w" else None)) as handle:
             yield handle
@@ -45,9 +64,11 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
             os.fsync(handle.fileno())
             os.fchmod(handle.fileno(), _FILE_MODE)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.errno in WRITE_ERRNOS:
+            raise WriteError(path, exc) from exc
         raise
 
 

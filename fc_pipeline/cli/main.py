@@ -125,25 +125,33 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
 
 def _run_build_dataset(args: argparse.Namespace) -> int:
     from fc_pipeline.data.build import build_dataset
+    from fc_pipeline.locks import WriterLockHeld
 
-    stats = build_dataset(
-        args.source,
-        args.out,
-        args.profile,
-        device=args.device,
-        dtype=args.dtype,
-        caption_batch_size=args.caption_batch_size,
-        max_new_tokens=args.max_new_tokens,
-        segment_batch_size=args.segment_batch_size,
-        segment_threshold=args.segment_threshold,
-        mask_threshold=args.mask_threshold,
-        overlap_mask_area_threshold=args.overlap_mask_area_threshold,
-        match_threshold=args.match_threshold,
-        max_subjects=args.max_subjects,
-        samples_per_shard=args.samples_per_shard,
-        val_fraction=args.val_fraction,
-        val_max=args.val_max,
-    )
+    try:
+        stats = build_dataset(
+            args.source,
+            args.out,
+            args.profile,
+            device=args.device,
+            dtype=args.dtype,
+            caption_batch_size=args.caption_batch_size,
+            max_new_tokens=args.max_new_tokens,
+            segment_batch_size=args.segment_batch_size,
+            segment_threshold=args.segment_threshold,
+            mask_threshold=args.mask_threshold,
+            overlap_mask_area_threshold=args.overlap_mask_area_threshold,
+            match_threshold=args.match_threshold,
+            max_subjects=args.max_subjects,
+            samples_per_shard=args.samples_per_shard,
+            val_fraction=args.val_fraction,
+            val_max=args.val_max,
+        )
+    except (ValueError, FileNotFoundError) as exc:  # a bad corpus, manifest or option
+        print(f"build-dataset: {exc}", file=sys.stderr)
+        return 2
+    except (WriterLockHeld, OSError) as exc:  # another writer, a full or read-only disk
+        print(f"build-dataset: {exc}", file=sys.stderr)
+        return 1
     splits = ", ".join(f"{name} {s['samples']} in {len(s['shards'])} shard(s)" for name, s in stats["splits"].items())
     print(f"images in: {stats['images']}  samples out: {stats['samples']} ({splits})")
     print(f"subjects per sample: {stats['subjects_histogram']}")

@@ -22,6 +22,7 @@ from fc_pipeline.data.matching import SubjectMatcher, match_corpus
 from fc_pipeline.data.phrases import phrase_corpus
 from fc_pipeline.data.segmentation import Segmenter, segment_corpus
 from fc_pipeline.data.shards import write_shards
+from fc_pipeline.locks import locked_output, remove_temp_files, writer_lock
 from fc_pipeline.profiles import ModelProfile, get_profile
 from fc_pipeline.storage import read_parquet, write_json, write_parquet
 
@@ -69,6 +70,10 @@ def build_dataset(
     plus ``paths`` of every intermediate file, ``seconds`` per step and, per model step,
     ``steps[name] = {computed, reused, dropped}`` rows.
 
+    The build holds the lock of ``out_dir`` (:func:`fc_pipeline.locks.writer_lock`) from start to
+    end: a second build of the same folder is refused with
+    :class:`~fc_pipeline.locks.WriterLockHeld` naming the first one. A file the disk refuses ends
+    the build with :class:`~fc_pipeline.storage.WriteError`; the next build resumes.
     A re-run on the same ``out_dir`` only processes images whose inputs or settings changed, e.g.
     the new files of a grown corpus (see :mod:`fc_pipeline.data.incremental`). Models are built
     from ``profile`` only when some image needs them; pass ``captioner``, ``segmenter`` or
@@ -77,80 +82,83 @@ def build_dataset(
     """
     profile = get_profile(profile)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    captioner = captioner or _once(lambda: Captioner(profile, device, dtype, max_new_tokens))
-    segmenter = segmenter or _once(
-        lambda: Segmenter(profile, device, segment_threshold, mask_threshold, overlap_mask_area_threshold, dtype)
-    )
-    matcher = matcher or _once(lambda: SubjectMatcher(profile, device, dtype))
-    model_ids = dataset_model_ids(profile)
-    seconds: dict[str, float] = {}
-    paths: dict[str, str] = {}
-    steps: dict[str, dict[str, int]] = {}
+    with writer_lock(out_dir, what="dataset build"):
+        remove_temp_files(out_dir, ".build_stats.json.")
+        captioner = captioner or _once(lambda: Captioner(profile, device, dtype, max_new_tokens))
+        segmenter = segmenter or _once(
+            lambda: Segmenter(profile, device, segment_threshold, mask_threshold, overlap_mask_area_threshold, dtype)
+        )
+        matcher = matcher or _once(lambda: SubjectMatcher(profile, device, dtype))
+        model_ids = dataset_model_ids(profile)
+        seconds: dict[str, float] = {}
+        paths: dict[str, str] = {}
+        steps: dict[str, dict[str, int]] = {}
 
-    def step(name: str, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table]) -> pa.Table:
+        def step(name: str, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table], **kw) -> pa.Table:
+            started = time.perf_counter()
+            update = update_table(out_dir / f"{name}.parquet", inputs, settings, compute, **kw)
+            seconds[name] = round(time.perf_counter() - started, 3)
+            paths[name] = str(out_dir / f"{name}.parquet")
+            steps[name] = {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
+            return update.table
+
         started = time.perf_counter()
-        update = update_table(out_dir / f"{name}.parquet", inputs, settings, compute)
-        seconds[name] = round(time.perf_counter() - started, 3)
-        paths[name] = str(out_dir / f"{name}.parquet")
-        steps[name] = {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
-        return update.table
-
-    started = time.perf_counter()
-    corpus = scan_corpus(source, previous=_previous_scan(out_dir / "images.parquet"))
-    paths["images"] = str(write_parquet(corpus, out_dir / "images.parquet"))
-    seconds["images"] = round(time.perf_counter() - started, 3)
-    captions = step(
-        "captions",
-        [corpus],
-        {"model": model_ids["captioner"], "dtype": dtype, "max_new_tokens": max_new_tokens},
-        lambda images: caption_corpus(images, captioner, batch_size=caption_batch_size),
-    )
-    segments = step(
-        "segments",
-        [corpus],
-        {
-            "model": model_ids["segmenter"],
-            "dtype": dtype,
-            "thresholds": [segment_threshold, mask_threshold, overlap_mask_area_threshold],
-        },
-        lambda images: segment_corpus(images, segmenter, out_dir / "segments", batch_size=segment_batch_size),
-    )
-    phrases = step(
-        "phrases",
-        [captions],
-        {"spacy": profile.spacy},
-        lambda rows: phrase_corpus(rows, spacy_model=profile.spacy),
-    )
-    matches = step(
-        "matches",
-        [corpus, segments, phrases],
-        {
-            "models": [model_ids["matcher_clip"], model_ids["sbert"]],
-            "dtype": dtype,
-            "threshold": match_threshold,
-            "max_subjects": max_subjects,
-        },
-        lambda *tables: match_corpus(*tables, matcher, threshold=match_threshold, max_subjects=max_subjects),
-    )
-    started = time.perf_counter()
-    stats = write_shards(
-        corpus,
-        phrases,
-        segments,
-        matches,
-        out_dir / "shards",
-        samples_per_shard=samples_per_shard,
-        val_fraction=val_fraction,
-        val_max=val_max,
-        models=model_ids,
-    )
-    seconds["shards"] = round(time.perf_counter() - started, 3)
-    stats["paths"].update(paths)
-    stats["seconds"] = seconds
-    stats["steps"] = steps
-    write_json(stats, out_dir / "build_stats.json")
-    return stats
+        corpus = scan_corpus(source, previous=_previous_scan(out_dir / "images.parquet"))
+        with locked_output(out_dir / "images.parquet"):
+            paths["images"] = str(write_parquet(corpus, out_dir / "images.parquet"))
+        seconds["images"] = round(time.perf_counter() - started, 3)
+        captions = step(
+            "captions",
+            [corpus],
+            {"model": model_ids["captioner"], "dtype": dtype, "max_new_tokens": max_new_tokens},
+            lambda images: caption_corpus(images, captioner, batch_size=caption_batch_size),
+        )
+        segments = step(
+            "segments",
+            [corpus],
+            {
+                "model": model_ids["segmenter"],
+                "dtype": dtype,
+                "thresholds": [segment_threshold, mask_threshold, overlap_mask_area_threshold],
+            },
+            lambda images: segment_corpus(images, segmenter, out_dir / "segments", batch_size=segment_batch_size),
+            temp_dirs=[out_dir / "segments"],
+        )
+        phrases = step(
+            "phrases",
+            [captions],
+            {"spacy": profile.spacy},
+            lambda rows: phrase_corpus(rows, spacy_model=profile.spacy),
+        )
+        matches = step(
+            "matches",
+            [corpus, segments, phrases],
+            {
+                "models": [model_ids["matcher_clip"], model_ids["sbert"]],
+                "dtype": dtype,
+                "threshold": match_threshold,
+                "max_subjects": max_subjects,
+            },
+            lambda *tables: match_corpus(*tables, matcher, threshold=match_threshold, max_subjects=max_subjects),
+        )
+        started = time.perf_counter()
+        stats = write_shards(
+            corpus,
+            phrases,
+            segments,
+            matches,
+            out_dir / "shards",
+            samples_per_shard=samples_per_shard,
+            val_fraction=val_fraction,
+            val_max=val_max,
+            models=model_ids,
+        )
+        seconds["shards"] = round(time.perf_counter() - started, 3)
+        stats["paths"].update(paths)
+        stats["seconds"] = seconds
+        stats["steps"] = steps
+        write_json(stats, out_dir / "build_stats.json")
+        return stats
 
 
 def _previous_scan(path: Path) -> pa.Table | None:

@@ -13,6 +13,7 @@ empty) gets its id from its path instead, so that every such file keeps its own 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -93,10 +94,12 @@ def _list_entries(source: Path) -> list[dict]:
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, and symlinks named like images that lead nowhere (dangling,
+    a loop): they get a ledger row (``broken_symlink``, ``symlink_loop``) instead of vanishing."""
     files = (
         path
         for path in folder.rglob("*")
-        if path.is_file()
+        if (path.is_file() or (path.is_symlink() and not path.exists()))
         and path.suffix.lower() in IMAGE_SUFFIXES
         and not path.name.lower().endswith(ANNOTATION_MAP_SUFFIX)
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
@@ -115,21 +118,35 @@ def _folder_entry(path: Path) -> dict:
 
 
 def _manifest_entries(manifest: Path) -> list[dict]:
+    """The manifest's records; a bad one raises ``ValueError`` naming the file and line (jsonl) or row (parquet)."""
     if manifest.suffix.lower() == ".parquet":
-        records = pq.read_table(manifest).to_pylist()
+        try:
+            rows = pq.read_table(manifest).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{manifest}: not a readable parquet file ({exc})") from None
+        records = [(f"{manifest}: row {number}", row) for number, row in enumerate(rows, start=1)]
     else:
+        try:
+            lines = manifest.read_text("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{manifest}: not UTF-8 text ({exc.reason})") from None
         records = []
-        for number, line in enumerate(manifest.read_text("utf-8").splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append((f"{manifest}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{manifest}:{number}: not a JSON object ({exc.msg})") from None
     entries = []
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or not record.get("path"):
-            raise ValueError(f"{manifest}: record {number} has no 'path'")
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object but {type(record).__name__}")
+        if not record.get("path"):
+            raise ValueError(f"{where}: the record has no 'path'")
+        for key in ("path", "caption", "annotation"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise ValueError(f"{where}: '{key}' must be a string, not {type(record[key]).__name__}")
         annotation = record.get("annotation")
         entries.append(
             {
@@ -179,10 +196,10 @@ def _scan_entry(entry: dict, max_pixels: int, decoded: dict[tuple[str, str], dic
         data = path.read_bytes()
     except FileNotFoundError:
         data = None
-        row["error"] = "not_found"
-    except OSError:
+        row["error"] = "broken_symlink" if path.is_symlink() else "not_found"
+    except OSError as exc:
         data = None
-        row["error"] = "unreadable"
+        row["error"] = "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
     if not data:
         row["error"] = row["error"] or "empty_file"
         row["id"] = "path-" + hashlib.sha256(str(path).encode()).hexdigest()[:11]

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fc_pipeline.locks import locked_output, remove_temp_files
 from fc_pipeline.storage import write_parquet
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def update_table(
     inputs: Sequence[pa.Table],
     settings: dict,
     compute: Callable[..., pa.Table],
+    *,
+    temp_dirs: Sequence[str | Path] = (),
 ) -> StepUpdate:
     """Bring ``output`` up to date with ``inputs``: rows are keyed by ``id`` (ids and order from inputs[0]);
     a row is reused when the existing output has it with the same input digest (sha256 of the settings + that
@@ -75,8 +78,21 @@ def update_table(
 
     ``compute`` must return one row per id it is given. When nothing is pending and nothing dropped the
     file is not rewritten (status ``cached``); its row order is then the one it was written in.
+
+    The step holds the lock of ``output`` (:func:`fc_pipeline.locks.locked_output`) while it reads,
+    computes and writes, so a second writer of the same table is refused; the holder removes the
+    temp files killed writers left beside ``output`` and in ``temp_dirs`` (folders the step writes
+    into, e.g. the segment maps).
     """
     output = Path(output)
+    with locked_output(output, what="writer of this step"):
+        for folder in temp_dirs:
+            remove_temp_files(folder)
+        return _update(output, inputs, settings, compute)
+
+
+def _update(output: Path, inputs: Sequence[pa.Table], settings: dict, compute: Callable[..., pa.Table]) -> StepUpdate:
+    """The body of :func:`update_table`, run holding the lock of ``output``."""
     digests = input_digests(inputs, settings)
     order = list(digests)
     old, old_digests = _read_previous(output)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fc_pipeline.locks import remove_temp_files, writer_lock
 from fc_pipeline.profiles import PROFILES
 from fc_pipeline.settings import setting, validate
 from fc_pipeline.storage import atomic_write, write_json
@@ -38,6 +40,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 OOM_EXIT_CODE = 75  # EX_TEMPFAIL: the accelerator ran out of memory; a smaller batch may fit
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -265,10 +269,23 @@ def _save_checkpoint(
 
 
 def _truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Keep the log lines up to ``step`` (a resumed run rewrites what followed its checkpoint)."""
+    """Keep the log lines up to ``step`` (a resumed run rewrites what followed its checkpoint).
+
+    A torn last line (power loss or a full disk in the middle of an append) is dropped with a
+    warning; a bad line before the last raises ``ValueError`` naming the file and line.
+    """
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg}); repair it to resume") from None
+            logger.warning("%s:%d: dropped a torn last line (an interrupted write): %.80r", path, number, line)
     rows = [r for r in rows if r["step"] <= step]
     with atomic_write(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -277,9 +294,27 @@ def _truncate_metrics(path: Path, step: int) -> list[dict]:
 
 # --- the run ----------------------------------------------------------------------------------
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train (or resume) a FastComposer checkpoint; returns the last checkpoint and final losses."""
+    """Train (or resume) a FastComposer checkpoint; returns the last checkpoint and final losses.
+
+    The main process holds the run folder's lock (:func:`fc_pipeline.locks.writer_lock`) for the
+    whole run: a second run of the same ``output_dir`` is refused with
+    :class:`~fc_pipeline.locks.WriterLockHeld`, and the holder removes what a killed run left half
+    written (temp files, temp checkpoint folders).
+    """
+    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a distributed run
+        return _train(config, log)
+    with writer_lock(config.output_dir, what="training run"):
+        output_dir = Path(config.output_dir)
+        remove_temp_files(output_dir)
+        for temp in output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(temp, ignore_errors=True)
+        return _train(config, log)
+
+
+def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResult:
+    """The run itself (:func:`train`), on every process."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     from fc_pipeline.model.attention import install_attention_capture
