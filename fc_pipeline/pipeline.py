@@ -32,6 +32,7 @@ from fc_pipeline.model.components import COMPONENT_NAMES
 from fc_pipeline.model.conditioning import augment_text_embeddings, encode_subject_images
 from fc_pipeline.model.fuser import SubjectFuser
 from fc_pipeline.model.prompts import parse_subject_prompt
+from fc_pipeline.model.references import reference_pixels
 from fc_pipeline.profiles import SUBJECT_MARKER
 
 SubjectImage = PIL.Image.Image | str | Path | bytes
@@ -288,13 +289,13 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
     ) -> torch.Tensor:
         """The subject-augmented text embedding ``c'``: each reference photo fused into its noun token.
 
-        Natural photos work as they are: the CLIP feature extractor resizes and crops them, no
-        segmentation is needed.
+        Natural photos work as they are, no segmentation is needed: each is padded to a square and
+        resized exactly as the training references are (``fc_pipeline.model.references``).
         """
         token_index = pad_token_index(subject_token_index)
         valid = torch.tensor([[s < len(photos) for s in range(token_index.shape[1])] for photos in subject_images])
         photos = [photo for photos in subject_images for photo in photos]
-        pixels = self.feature_extractor(images=photos, return_tensors="pt").pixel_values
+        pixels = torch.stack([reference_pixels(photo, self.image_encoder.config.image_size) for photo in photos])
         pixel_values = pixels.new_zeros(*valid.shape, *pixels.shape[1:])
         pixel_values[valid] = pixels  # row-major: prompt by prompt, subject by subject
         image_embeds = encode_subject_images(self.image_encoder, pixel_values)

@@ -32,13 +32,17 @@ def compute_losses(
     *,
     localization_weight: float = DEFAULT_LOCALIZATION_WEIGHT,
     mask_loss_prob: float = 0.5,
+    masked_loss: str = "batch",
+    localization_average: str = "samples",
     use_subjects: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``{"loss", "l_noise", "l_loc"}`` of a collated batch (see ``training_samples``).
 
     ``models`` holds vae, text_encoder, unet, scheduler, image_encoder, fuser (possibly wrapped
-    for distributed training). Random draws (noise, timesteps, masked-loss samples) use the
-    global torch RNG, which ``accelerate`` checkpoints. ``L_loc`` needs ``capture`` installed on
+    for distributed training). ``masked_loss`` and ``localization_average`` choose the loss
+    normalisation (see ``denoising_loss`` and ``localization_loss``; the defaults are the official
+    code's). Random draws (noise, timesteps, the masked-loss flag of the batch or of each sample)
+    use the global torch RNG, which ``accelerate`` checkpoints. ``L_loc`` needs ``capture`` installed on
     the UNet's localisation layers; with ``localization_weight == 0`` it is not computed at all.
     """
     vae, unet, scheduler = models["vae"], models["unet"], models["scheduler"]
@@ -65,9 +69,14 @@ def compute_losses(
     if localize:
         capture.token_index = batch["subject_token_index"].to(device)
     prediction = unet(noisy, timesteps, condition).sample
-    masked = torch.rand(latents.shape[0], device=device) < mask_loss_prob
-    l_noise = denoising_loss(prediction, target, masks, valid, masked)
-    l_loc = localization_loss_over_layers(capture.maps, masks, valid) if localize else torch.zeros((), device=device)
+    draws = () if masked_loss == "batch" else (latents.shape[0],)
+    masked = torch.rand(draws, device=device) < mask_loss_prob
+    l_noise = denoising_loss(prediction, target, masks, valid, masked, form=masked_loss)
+    l_loc = (
+        localization_loss_over_layers(capture.maps, masks, valid, average=localization_average)
+        if localize
+        else torch.zeros((), device=device)
+    )
     if capture is not None:  # maps hold autograd graphs: never keep them past the step
         capture.clear()
     loss = l_noise + localization_weight * l_loc if localize else l_noise
