@@ -10,6 +10,7 @@ import torch
 
 import fc_pipeline.data.shards as shards
 from fc_pipeline.data.shards import shard_urls
+from fc_pipeline.data.synthetic import write_synthetic_shards
 from fc_pipeline.training.samples import (
     DataPosition,
     SamplingConfig,
@@ -19,8 +20,6 @@ from fc_pipeline.training.samples import (
     read_data_state,
 )
 from fc_pipeline.training.train import train
-
-from .conftest import write_synthetic_shards
 
 CONFIG = SamplingConfig(resolution=32)
 
