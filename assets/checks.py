@@ -11,7 +11,6 @@ from pathlib import Path
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from pydantic import Field
 
 from fc_pipeline.storage import read_parquet
@@ -202,23 +201,39 @@ def failure_rate(
 SHARD_CHECKS = [shards_readable, samples_with_subjects, failure_rate]
 
 
+def _evaluations(instance: dg.DagsterInstance, run_id: str) -> list[dg.AssetCheckEvaluation]:
+    """The check evaluations a run recorded."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    return [record.event_log_entry.dagster_event.asset_check_evaluation_data for record in records]
+
+
 def failed_shard_checks(instance: dg.DagsterInstance, corpora: list[str]) -> dict[str, dict[str, str]]:
     """``{corpus: {check name: why}}`` of the blocking shard checks that did not pass on a corpus's
     latest ``training_shards`` (only corpora with a problem). ``why`` is ``failed`` or
-    ``not run on the latest shards`` (never run, in progress, or run on an older materialisation)."""
+    ``not run on the latest shards`` (never run, in progress, or run on an older materialisation).
+
+    An evaluation counts when it targets the latest materialisation: one of the run that
+    materialised it, or the check's latest evaluation if that was for this corpus (a check
+    re-executed on its own)."""
     keys = [next(iter(check.check_keys)) for check in SHARD_CHECKS]
-    infos = instance.event_log_storage.get_asset_check_partition_info(keys, partition_keys=corpora)
-    status = {(info.check_key.name, info.partition_key): info for info in infos}
+    latest = {key: instance.get_latest_asset_check_evaluation_record(key) for key in keys}
     problems: dict[str, dict[str, str]] = {}
     for corpus in corpora:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=training_shards.key, asset_partitions=[corpus]), limit=1
+        ).records
+        found: dict[str, dg.AssetCheckEvaluation] = {}
+        if records:
+            shards = records[0]
+            extra = [r.event.dagster_event.asset_check_evaluation_data for r in latest.values() if r and r.event]
+            for evaluation in _evaluations(instance, shards.run_id) + extra:  # later ones win
+                target = evaluation.target_materialization_data
+                if evaluation.partition == corpus and target and target.storage_id == shards.storage_id:
+                    found[evaluation.check_name] = evaluation
         for key in keys:
-            info = status.get((key.name, corpus))
-            if (
-                info is None
-                or not info.is_current
-                or info.latest_execution_status == AssetCheckExecutionRecordStatus.PLANNED
-            ):
+            evaluation = found.get(key.name)
+            if evaluation is None:
                 problems.setdefault(corpus, {})[key.name] = "not run on the latest shards"
-            elif info.latest_execution_status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+            elif not evaluation.passed:
                 problems.setdefault(corpus, {})[key.name] = "failed"
     return problems

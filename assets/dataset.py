@@ -26,6 +26,7 @@ from pydantic import Field
 from fc_pipeline.data.demo_corpus import DEFAULT_SIZE as DEMO_SIZE
 from fc_pipeline.data.demo_corpus import DEMO_CORPUS, make_demo_corpus
 from fc_pipeline.data.segmentation import read_id_map
+from fc_pipeline.data.settings import DatasetSettings
 from fc_pipeline.images import load_image
 from fc_pipeline.profiles import get_profile
 from fc_pipeline.storage import read_parquet, write_parquet
@@ -34,6 +35,7 @@ from .deployment import GPU_OP_TAGS
 from .metadata import caption_examples, contact_sheet, failure_counts, markdown_table, overlay_segments, save_preview
 from .partitions import corpus_partitions
 from .resources import GPU_POOL, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
+from .settings import config_class
 
 GROUP = "dataset"
 PREVIEW_IMAGES = 4
@@ -58,33 +60,29 @@ class CorpusImagesConfig(dg.Config):
     demo_images: int = Field(default=DEMO_SIZE, description="Size of the drawn demo corpus.")
 
 
-class CaptionsConfig(dg.Config):
-    batch_size: int = Field(default=8, description="Images per captioner forward pass.")
+def _step_config(name: str, doc: str, **fields: str) -> type[dg.Config]:
+    """The config of one dataset step: ``{Dagster name: DatasetSettings field}`` of the library's settings."""
+    rename = {library: dagster for dagster, library in fields.items()}
+    return config_class(DatasetSettings, name, doc, include=fields.values(), rename=rename)
 
 
-class SegmentsConfig(dg.Config):
-    batch_size: int = Field(default=4, description="Images per segmenter forward pass.")
+CaptionsConfig = _step_config("CaptionsConfig", "Captioning batch size.", batch_size="caption_batch_size")
+SegmentsConfig = _step_config("SegmentsConfig", "Segmentation batch size.", batch_size="segment_batch_size")
+MatchesConfig = _step_config(
+    "MatchesConfig", "Phrase–segment matching.", threshold="match_threshold", max_subjects="max_subjects"
+)
+ShardsConfig = _step_config(
+    "ShardsConfig",
+    "Webdataset shards and the validation split.",
+    samples_per_shard="samples_per_shard",
+    val_fraction="val_fraction",
+    val_max="val_max",
+    rebuild="rebuild",
+)
 
 
-class PhrasesConfig(dg.Config):
+class PhrasesConfig(_step_config("PhrasesStep", "spaCy batch size.", batch_size="phrase_batch_size")):
     profile: str = Field(default="tiny", description="Model profile naming the spaCy pipeline.")
-    batch_size: int = Field(default=64, description="Captions per spaCy batch.")
-
-
-class MatchesConfig(dg.Config):
-    threshold: float | None = Field(
-        default=None, description="Minimum CLIP×SBERT score of a phrase–segment pair; empty: the profile's default."
-    )
-    max_subjects: int = Field(default=4, description="At most this many subjects per image.")
-
-
-class ShardsConfig(dg.Config):
-    samples_per_shard: int = Field(default=1000, description="Samples per webdataset tar.")
-    val_fraction: float = Field(default=0.05, description="Share of images held out for validation.")
-    val_max: int = Field(default=1000, description="At most this many validation images.")
-    rebuild: bool = Field(
-        default=False, description="Rewrite every shard (otherwise new images only go into new shards)."
-    )
 
 
 # --- step bookkeeping -------------------------------------------------------------------------

@@ -40,19 +40,21 @@ def config_class(
     name: str,
     doc: str,
     *,
+    include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     rename: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> type[dg.Config]:
     """A ``dg.Config`` subclass named ``name`` with a field per field of the dataclass ``settings``
-    (except ``exclude``); ``rename`` maps a library name to its Dagster name, ``defaults`` overrides
-    library defaults (by library name). The library's bounds and choices are checked when the
-    config is built, i.e. before the step body runs. Subclass it to add asset-only fields."""
+    (only ``include`` if given, never ``exclude``); ``rename`` maps a library name to its Dagster
+    name, ``defaults`` overrides library defaults (by library name). The library's bounds and
+    choices are checked when the config is built, i.e. before the step body runs. Subclass it to
+    add asset-only fields."""
     rename, defaults = rename or {}, defaults or {}
     hints = typing.get_type_hints(settings)
     fields, checked = {}, {}
     for field in dataclasses.fields(settings):
-        if field.name in exclude:
+        if field.name in exclude or (include is not None and field.name not in include):
             continue
         checked[rename.get(field.name, field.name)] = field
         default = defaults.get(field.name, default_of(field))
