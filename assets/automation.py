@@ -2,8 +2,9 @@
 
 * ``corpus_sensor`` (every minute): registers each new corpus under ``<data_root>/corpora`` as a
   ``corpus`` partition and requests a ``build_dataset`` run for it; a known corpus whose files
-  changed (new, removed or touched files) gets a run too. Its cursor holds each corpus's file
-  signature, so a restarted daemon does not redo work.
+  changed (files added, removed or renamed into place) gets a run too. Its cursor holds each
+  corpus's folder states (:func:`fc_pipeline.data.corpora.watch_corpus`), so a tick costs one
+  ``stat`` per folder of an unchanged corpus, and a restarted daemon does not redo work.
 * ``nightly_dataset_refresh`` (02:00 UTC): catches up every registered corpus whose files differ
   from what its last ``corpus_images`` materialisation scanned (e.g. the sensor was off, or a run
   failed).
@@ -20,7 +21,7 @@ import os
 
 import dagster as dg
 
-from fc_pipeline.data.corpora import corpus_signature
+from fc_pipeline.data.corpora import corpus_signature, watch_corpus
 
 from .checks import failed_shard_checks
 from .dataset import GROUP as DATASET_GROUP
@@ -61,14 +62,19 @@ def latest_partition_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetK
 )
 def corpus_sensor(context: dg.SensorEvaluationContext, store: DatasetStore) -> dg.SensorResult | dg.SkipReason:
     seen = json.loads(context.cursor) if context.cursor else {}
-    signatures = {name: corpus_signature(path) for name, path in store.corpora().items()}
+    seen = {name: state for name, state in seen.items() if isinstance(state, dict)}  # older cursors: rescan once
+    states = {name: watch_corpus(path, seen.get(name)) for name, path in store.corpora().items()}
+    signatures = {name: state["signature"] for name, state in states.items()}
     registered = set(context.instance.get_dynamic_partitions(corpus_partitions.name))
     new = sorted(name for name in signatures if name not in registered)
     changed = sorted(
-        name for name, signature in signatures.items() if name in registered and seen.get(name) != signature
+        name
+        for name, signature in signatures.items()
+        if name in registered and seen.get(name, {}).get("signature") != signature
     )
-    if not new and not changed:
-        return dg.SkipReason(f"no new or changed corpus under {store.corpora_dir} ({len(signatures)} known)")
+    if not new and not changed:  # the cursor still moves: a listed folder is not listed again
+        skip = f"no new or changed corpus under {store.corpora_dir} ({len(signatures)} known)"
+        return dg.SensorResult(skip_reason=skip, cursor=json.dumps(states, sort_keys=True))
     run_requests = [
         dg.RunRequest(
             partition_key=name,
@@ -81,7 +87,7 @@ def corpus_sensor(context: dg.SensorEvaluationContext, store: DatasetStore) -> d
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[corpus_partitions.build_add_request(new)] if new else [],
-        cursor=json.dumps(signatures, sort_keys=True),
+        cursor=json.dumps(states, sort_keys=True),
     )
 
 

@@ -29,6 +29,13 @@ def _tick(store, instance, cursor=None):
         return corpus_sensor(context)
 
 
+def _skip_message(result) -> str | None:
+    """The skip message of a sensor tick that requested nothing (None when it requested runs)."""
+    if isinstance(result, dg.SensorResult):
+        return None if result.run_requests else result.skip_reason.skip_message
+    return result.skip_message if isinstance(result, dg.SkipReason) else None
+
+
 def _nightly(store, instance):
     with dg.build_schedule_context(instance=instance, resources={"store": store}) as context:
         return nightly_dataset_refresh(context)
@@ -62,7 +69,7 @@ def test_sensor_registers_a_new_corpus_and_requests_its_build(tmp_path):
 
         # second tick, nothing changed: no request, no new partition
         again = _tick(store, instance, result.cursor)
-        assert isinstance(again, dg.SkipReason) and "no new or changed corpus" in again.skip_message
+        assert "no new or changed corpus" in _skip_message(again)
 
         # a new file in a known corpus: one run for that corpus, no partition added
         _image(store.corpora_dir / "street" / "b.jpg", (10, 20, 30))
@@ -81,9 +88,50 @@ def test_sensor_restart_with_its_cursor_redoes_nothing(tmp_path):
         first = _tick(store, instance)
         _apply(instance, first)
         # the daemon persists the cursor; a restarted daemon evaluates with it
-        assert isinstance(_tick(store, instance, first.cursor), dg.SkipReason)
+        assert "no new or changed corpus" in _skip_message(_tick(store, instance, first.cursor))
         # without a cursor a registered corpus is rebuilt once (cheap: the build is incremental)
         assert [r.partition_key for r in _tick(store, instance).run_requests] == ["street"]
+
+
+def test_a_tick_lists_only_the_folders_that_changed(tmp_path, monkeypatch):
+    import os
+
+    from fc_pipeline.data import corpora
+
+    store = DatasetStore(data_root=str(tmp_path))
+    for folder in range(20):
+        for number in range(50):  # 1000 files in 20 folders
+            path = store.corpora_dir / "big" / f"part{folder:02d}" / f"{number}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    listed = []
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if isinstance(path, (str, os.PathLike)) and Path(path).is_relative_to(store.corpora_dir / "big"):
+            listed.append(Path(path).name)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with dg.instance_for_test() as instance:
+        first = _tick(store, instance)
+        _apply(instance, first)
+        assert len(listed) == 21  # the first tick lists every folder once
+        listed.clear()
+        idle = _tick(store, instance, first.cursor)
+        assert "no new or changed corpus" in _skip_message(idle) and listed == []  # nothing listed, only stats
+        (store.corpora_dir / "big" / "part07" / "new.jpg").write_bytes(b"y")
+        grown = _tick(store, instance, idle.cursor)
+        assert [r.partition_key for r in grown.run_requests] == ["big"] and listed == ["part07"]
+        listed.clear()
+        (store.corpora_dir / "big" / "part03" / "7.jpg").unlink()
+        (store.corpora_dir / "big" / "part21").mkdir()
+        (store.corpora_dir / "big" / "part21" / "a.jpg").write_bytes(b"z")
+        shrunk = _tick(store, instance, grown.cursor)
+        assert [r.partition_key for r in shrunk.run_requests] == ["big"]
+        assert sorted(listed) == ["big", "part03", "part21"]
+        state = json.loads(shrunk.cursor)["big"]
+        assert state["signature"] == corpora.watch_corpus(store.corpora_dir / "big")["signature"]  # same as a full walk
 
 
 def test_nightly_schedule_requests_only_corpora_whose_files_changed(chain):
