@@ -132,7 +132,7 @@ def add_arguments(
         elif typing.get_origin(kind) in (list, tuple):
             options.update(nargs="+", action="extend", type=typing.get_args(kind)[0], metavar="X")
         else:
-            options.update(type=kind, metavar=field.name.upper().split("_")[-1])
+            options.update(type=kind, metavar={int: "N", float: "X"}.get(kind, field.name.upper()))
             if field.metadata.get("choices") is not None:
                 options.update(choices=field.metadata["choices"], metavar=None)
         parser.add_argument(*strings, **options)

@@ -7,9 +7,10 @@ library). Heavy imports happen inside the run functions so ``--help`` stays inst
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from fc_pipeline.settings import SettingError, add_arguments, given
+from fc_pipeline.settings import DTYPE_NAMES, SettingError, add_arguments, given, resolve_device
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,44 +108,27 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="corpus folder, or a parquet/jsonl manifest with a 'path' column")
     p.add_argument("--out", required=True, help="output folder (intermediate parquet files and shards/)")
     p.add_argument("--profile", default="tiny", help="model profile: tiny (offline, random) or paper")
-    p.add_argument("--device", default="cpu", help="torch device for the models (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", default=None, help="model dtype (float32, float16, bfloat16)")
-    p.add_argument("--caption-batch-size", type=int, default=8)
-    p.add_argument("--segment-batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=30, help="caption length limit")
-    p.add_argument("--segment-threshold", type=float, default=0.8, help="Mask2Former class score threshold")
-    p.add_argument("--mask-threshold", type=float, default=0.5)
-    p.add_argument("--overlap-mask-area-threshold", type=float, default=0.8)
-    p.add_argument("--match-threshold", type=float, default=None, help="CLIP×SBERT threshold (default: profile's)")
-    p.add_argument("--max-subjects", type=int, default=4)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--val-max", type=int, default=1000)
-    p.set_defaults(func=_run_build_dataset)
+    p.add_argument("--device", default="auto", help="torch device for the models (auto, cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default float32)")
+    p.defer(_add_dataset_settings)
+    p.set_defaults(func=_run_build_dataset, parser=p)
+
+
+def _add_dataset_settings(p: argparse.ArgumentParser) -> None:
+    from fc_pipeline.data.settings import DatasetSettings
+
+    p.set_defaults(flags=add_arguments(p, DatasetSettings))
 
 
 def _run_build_dataset(args: argparse.Namespace) -> int:
     from fc_pipeline.data.build import build_dataset
+    from fc_pipeline.data.settings import DatasetSettings
     from fc_pipeline.locks import WriterLockHeld
 
+    settings = DatasetSettings(**given(args, DatasetSettings, args.flags))
     try:
         stats = build_dataset(
-            args.source,
-            args.out,
-            args.profile,
-            device=args.device,
-            dtype=args.dtype,
-            caption_batch_size=args.caption_batch_size,
-            max_new_tokens=args.max_new_tokens,
-            segment_batch_size=args.segment_batch_size,
-            segment_threshold=args.segment_threshold,
-            mask_threshold=args.mask_threshold,
-            overlap_mask_area_threshold=args.overlap_mask_area_threshold,
-            match_threshold=args.match_threshold,
-            max_subjects=args.max_subjects,
-            samples_per_shard=args.samples_per_shard,
-            val_fraction=args.val_fraction,
-            val_max=args.val_max,
+            args.source, args.out, args.profile, device=resolve_device(args.device), dtype=args.dtype, settings=settings
         )
     except (ValueError, FileNotFoundError) as exc:  # a bad corpus, manifest or option
         print(f"build-dataset: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from fc_pipeline.data.incremental import update_table
 from fc_pipeline.data.matching import SubjectMatcher, match_corpus
 from fc_pipeline.data.phrases import phrase_corpus
 from fc_pipeline.data.segmentation import Segmenter, segment_corpus
+from fc_pipeline.data.settings import DatasetSettings
 from fc_pipeline.data.shards import write_shards
 from fc_pipeline.locks import locked_output, remove_temp_files, writer_lock
 from fc_pipeline.profiles import ModelProfile, get_profile
@@ -51,24 +52,18 @@ def build_dataset(
     *,
     device: str = "cpu",
     dtype: Any = None,
-    caption_batch_size: int = 8,
-    max_new_tokens: int = 30,
-    segment_batch_size: int = 4,
-    segment_threshold: float = 0.8,
-    mask_threshold: float = 0.5,
-    overlap_mask_area_threshold: float = 0.8,
-    match_threshold: float | None = None,
-    max_subjects: int = 4,
-    samples_per_shard: int = 1000,
-    val_fraction: float = 0.05,
-    val_max: int = 1000,
+    settings: DatasetSettings | None = None,
     captioner: Captioner | Callable[[], Captioner] | None = None,
     segmenter: Segmenter | Callable[[], Segmenter] | None = None,
     matcher: SubjectMatcher | Callable[[], SubjectMatcher] | None = None,
+    **options: Any,
 ) -> dict:
     """Corpus -> captions -> segments -> phrases -> matches -> shards; returns the shard stats
     plus ``paths`` of every intermediate file, ``seconds`` per step and, per model step,
     ``steps[name] = {computed, reused, dropped}`` rows.
+
+    ``settings`` (or its fields as keyword ``options``, e.g. ``samples_per_shard=2``) are the
+    :class:`~fc_pipeline.data.settings.DatasetSettings`; they are checked before anything is read.
 
     The build holds the lock of ``out_dir`` (:func:`fc_pipeline.locks.writer_lock`) from start to
     end: a second build of the same folder is refused with
@@ -80,23 +75,23 @@ def build_dataset(
     ``matcher`` (instances or factories) to use others — the step settings name the profile's
     models, so use a fresh ``out_dir`` when swapping models that way.
     """
+    settings = settings or DatasetSettings(**options)
     profile = get_profile(profile)
     out_dir = Path(out_dir)
     with writer_lock(out_dir, what="dataset build"):
         remove_temp_files(out_dir, ".build_stats.json.")
-        captioner = captioner or _once(lambda: Captioner(profile, device, dtype, max_new_tokens))
-        segmenter = segmenter or _once(
-            lambda: Segmenter(profile, device, segment_threshold, mask_threshold, overlap_mask_area_threshold, dtype)
-        )
+        captioner = captioner or _once(lambda: Captioner(profile, device, dtype, settings.max_new_tokens))
+        segmenter = segmenter or _once(lambda: Segmenter(profile, device, *thresholds, dtype))
+        thresholds = [settings.segment_threshold, settings.mask_threshold, settings.overlap_mask_area_threshold]
         matcher = matcher or _once(lambda: SubjectMatcher(profile, device, dtype))
         model_ids = dataset_model_ids(profile)
         seconds: dict[str, float] = {}
         paths: dict[str, str] = {}
         steps: dict[str, dict[str, int]] = {}
 
-        def step(name: str, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table], **kw) -> pa.Table:
+        def step(name: str, inputs: list[pa.Table], recorded: dict, compute: Callable[..., pa.Table], **kw) -> pa.Table:
             started = time.perf_counter()
-            update = update_table(out_dir / f"{name}.parquet", inputs, settings, compute, **kw)
+            update = update_table(out_dir / f"{name}.parquet", inputs, recorded, compute, **kw)
             seconds[name] = round(time.perf_counter() - started, 3)
             paths[name] = str(out_dir / f"{name}.parquet")
             steps[name] = {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
@@ -110,8 +105,8 @@ def build_dataset(
         captions = step(
             "captions",
             [corpus],
-            {"model": model_ids["captioner"], "dtype": dtype, "max_new_tokens": max_new_tokens},
-            lambda images: caption_corpus(images, captioner, batch_size=caption_batch_size),
+            {"model": model_ids["captioner"], "dtype": dtype, "max_new_tokens": settings.max_new_tokens},
+            lambda images: caption_corpus(images, captioner, batch_size=settings.caption_batch_size),
         )
         segments = step(
             "segments",
@@ -119,16 +114,18 @@ def build_dataset(
             {
                 "model": model_ids["segmenter"],
                 "dtype": dtype,
-                "thresholds": [segment_threshold, mask_threshold, overlap_mask_area_threshold],
+                "thresholds": thresholds,
             },
-            lambda images: segment_corpus(images, segmenter, out_dir / "segments", batch_size=segment_batch_size),
+            lambda images: segment_corpus(
+                images, segmenter, out_dir / "segments", batch_size=settings.segment_batch_size
+            ),
             temp_dirs=[out_dir / "segments"],
         )
         phrases = step(
             "phrases",
             [captions],
             {"spacy": profile.spacy},
-            lambda rows: phrase_corpus(rows, spacy_model=profile.spacy),
+            lambda rows: phrase_corpus(rows, spacy_model=profile.spacy, batch_size=settings.phrase_batch_size),
         )
         matches = step(
             "matches",
@@ -136,10 +133,12 @@ def build_dataset(
             {
                 "models": [model_ids["matcher_clip"], model_ids["sbert"]],
                 "dtype": dtype,
-                "threshold": match_threshold,
-                "max_subjects": max_subjects,
+                "threshold": settings.match_threshold,
+                "max_subjects": settings.max_subjects,
             },
-            lambda *tables: match_corpus(*tables, matcher, threshold=match_threshold, max_subjects=max_subjects),
+            lambda *tables: match_corpus(
+                *tables, matcher, threshold=settings.match_threshold, max_subjects=settings.max_subjects
+            ),
         )
         started = time.perf_counter()
         stats = write_shards(
@@ -148,10 +147,11 @@ def build_dataset(
             segments,
             matches,
             out_dir / "shards",
-            samples_per_shard=samples_per_shard,
-            val_fraction=val_fraction,
-            val_max=val_max,
+            samples_per_shard=settings.samples_per_shard,
+            val_fraction=settings.val_fraction,
+            val_max=settings.val_max,
             models=model_ids,
+            rebuild=settings.rebuild,
         )
         seconds["shards"] = round(time.perf_counter() - started, 3)
         stats["paths"].update(paths)
