@@ -10,13 +10,14 @@ its image (the bounding box of its mask, background replaced by uniform noise) a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 import torch
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2  # imported on use (as transformers): importing REFERENCE_FILLS stays light
 
 # How the crop is padded to a square: "zeros" (official PadToSquare(fill=0)) or "noise" (the
 # same uniform noise as the background; the earlier training form, inference always pads black).
@@ -42,6 +43,8 @@ class ReferenceAugmentation:
 
     def transforms(self) -> v2.Compose:
         """The augmentations applied to the resized reference (``uint8 [3, size, size]``)."""
+        from torchvision.transforms import v2
+
         jitter = self.jitter
         return v2.Compose(
             [
@@ -58,17 +61,22 @@ class ReferenceAugmentation:
 
     def zoom_in(self, crop: torch.Tensor) -> torch.Tensor:
         """With ``zoom_prob``: enlarge by U(1, ``max_zoom``), then keep the top square if taller than wide."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
         if torch.rand(()).item() >= self.zoom_prob:
             return crop
         zoom = 1.0 + torch.rand(()).item() * (self.max_zoom - 1.0)
         height, width = (int(zoom * side) for side in crop.shape[-2:])
-        crop = TF.resize(crop, [height, width], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        crop = TF.resize(crop, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
         return crop[:, :width] if height > width else crop
 
 
 def _as_uint8_tensor(image: PIL.Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(image, PIL.Image.Image):
-        return TF.pil_to_tensor(image.convert("RGB"))
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        return pil_to_tensor(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     return image
@@ -84,6 +92,10 @@ def reference_pixels(
     """CLIP-normalised ``float [3, size, size]`` of a reference photo (PIL, ``uint8 [H, W, 3]`` array
     or ``uint8 [3, H, W]`` tensor): centred on a black square (or on ``canvas``, a ``uint8 [3, s, s]``
     square, ``s`` the photo's longer side), resized bilinearly with antialiasing, then ``augment``."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
     pixels = _as_uint8_tensor(image)
     height, width = pixels.shape[-2:]
     side = max(height, width)
@@ -95,7 +107,7 @@ def reference_pixels(
         canvas = canvas.clone()
     top, left = (side - height) // 2, (side - width) // 2
     canvas[:, top : top + height, left : left + width] = pixels
-    square = TF.resize(canvas, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    square = TF.resize(canvas, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     if augment is not None:
         square = augment(square)
     return TF.normalize(TF.to_dtype(square, torch.float32, scale=True), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

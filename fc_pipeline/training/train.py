@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from fc_pipeline.locks import remove_temp_files, writer_lock
+from fc_pipeline.model.losses import LOCALIZATION_AVERAGES, MASKED_LOSS_FORMS
+from fc_pipeline.model.references import REFERENCE_FILLS
 from fc_pipeline.profiles import PROFILES
 from fc_pipeline.settings import setting, validate
 from fc_pipeline.storage import atomic_write, write_json
@@ -67,7 +69,37 @@ class TrainConfig:
         1e-3, "λ of L_loc; 0 turns L_loc off (the paper's ablation).", paper=1e-3, min=0
     )
     mask_loss_prob: float = setting(
-        0.5, "Share of samples whose L_noise is masked to the subjects.", paper=0.5, min=0, max=1
+        0.5,
+        "Probability that L_noise is masked to the subjects, per batch (per sample with masked_loss=sample).",
+        paper=0.5,
+        min=0,
+        max=1,
+    )
+    masked_loss: str = setting(
+        "batch",
+        "Masked L_noise: batch (official: one draw per batch, prediction and target times the subject mask, "
+        "mean over all elements) or sample (one draw per sample, mean over the mask area).",
+        paper="batch",
+        choices=MASKED_LOSS_FORMS,
+    )
+    localization_average: str = setting(
+        "samples",
+        "L_loc over subjects: samples (official: each sample's mean over its subjects, then the batch mean, "
+        "samples without subjects counting 0) or subjects (the mean over all subjects of the batch).",
+        paper="samples",
+        choices=LOCALIZATION_AVERAGES,
+    )
+    augment: bool | None = setting(
+        None,
+        "The official training augmentations: references zoomed, rotated, colour-jittered, blurred, grey, "
+        "flipped, elastic; the target flipped with its masks. Empty: the profile's (paper on, tiny off).",
+        paper=True,
+    )
+    reference_fill: str = setting(
+        "zeros",
+        "Padding of a training reference to a square: zeros (official, as at inference) or noise (earlier form).",
+        paper="zeros",
+        choices=REFERENCE_FILLS,
     )
     localization_layers: list[str] | None = setting(
         None,
@@ -320,6 +352,7 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
     from fc_pipeline.model.attention import install_attention_capture
     from fc_pipeline.model.components import load_components, set_trainable
     from fc_pipeline.model.objective import compute_losses
+    from fc_pipeline.model.references import ReferenceAugmentation
     from fc_pipeline.profiles import get_profile
     from fc_pipeline.training.samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
 
@@ -348,6 +381,7 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
         log(f"resuming from {resume_from} (step {step})")
     # a resumed run takes every weight from its checkpoint (safetensors), the rest from the state
     components = load_components(profile, pretrained=resume_from or config.pretrained)
+    augment = profile.augment if config.augment is None else config.augment
     sampling = SamplingConfig(
         resolution=config.resolution or profile.resolution,
         latent_scale=2 ** (len(components["vae"].config.block_out_channels) - 1),
@@ -355,6 +389,9 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
         unconditional_prob=config.unconditional_prob,
         text_only_prob=config.text_only_prob,
         subject_drop_prob=config.subject_drop_prob,
+        reference_size=components["image_encoder"].config.image_size,  # the size the pipeline feeds it
+        reference_fill=config.reference_fill,
+        augmentation=ReferenceAugmentation() if augment else None,
     )
 
     # model
@@ -417,6 +454,8 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
                 capture,
                 localization_weight=config.localization_weight,
                 mask_loss_prob=config.mask_loss_prob,
+                masked_loss=config.masked_loss,
+                localization_average=config.localization_average,
             )
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients:
