@@ -4,7 +4,6 @@ Each check is an ``evaluate_*`` function on the data (usable and testable withou
 thin ``@asset_check`` that points it at the corpus's files. Thresholds are check config.
 """
 
-import json
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,6 @@ CAPTION_ERRORS = ("empty_caption", "caption_failed")
 # Ledger reasons that mean "nothing to learn from here" rather than "something broke": an image
 # without a person, or a caption without a noun. Every other reason counts as an error.
 FILTER_REASONS = ("empty_caption", "no_segments", "no_phrases", "no_match", "no_person")
-SPLITS = ("train", "val")
 
 
 def _rate(numerator: int, denominator: int) -> float:
@@ -61,38 +59,20 @@ def evaluate_caption_rate(table: pa.Table, min_rate: float) -> dg.AssetCheckResu
 
 def evaluate_shards_readable(shards_dir: Path) -> dg.AssetCheckResult:
     """Every sample of every split reads back (image, json with a caption, seg map of the image's
-    size), no sample id is in two shards, and each split holds as many samples as its ``_stats.json`` says."""
-    from fc_pipeline.data.shards import read_samples
+    size), no sample id is in two shards, and each split holds as many samples as its ``_stats.json``
+    says. Shards verified by an earlier evaluation are not decoded again (complete shards are immutable)."""
+    from fc_pipeline.data.shards import verify_shards
 
-    counts, expected, problems = {}, {}, []
-    seen: dict[str, str] = {}  # sample id -> the split it was first read in
-    for split in SPLITS:
-        stats_path = shards_dir / split / "_stats.json"
-        if not stats_path.exists():
-            problems.append(f"{split}: no _stats.json")
-            continue
-        expected[split] = json.loads(stats_path.read_text())["samples"]
-        counts[split] = 0
-        try:
-            for sample in read_samples(shards_dir, split):
-                counts[split] += 1
-                if sample["id"] in seen:
-                    problems.append(f"{sample['id']}: in more than one shard ({seen[sample['id']]} and {split})")
-                seen.setdefault(sample["id"], split)
-                if not sample["meta"].get("caption"):
-                    problems.append(f"{sample['id']}: empty caption")
-                if sample["seg"].shape != (sample["image"].height, sample["image"].width):
-                    problems.append(f"{sample['id']}: segment map does not fit the image")
-        except Exception as exc:  # any decoding error means unreadable shards
-            problems.append(f"{split}: {type(exc).__name__}: {exc}")
-    problems += [
-        f"{split}: {counts.get(split)} samples read, {n} expected"
-        for split, n in expected.items()
-        if counts.get(split) != n
-    ]
+    result = verify_shards(shards_dir)
+    counts, problems = result["counts"], result["problems"]
     return dg.AssetCheckResult(
         passed=not problems and sum(counts.values()) > 0,
-        metadata={"samples_read": dg.MetadataValue.json(counts), "problems": dg.MetadataValue.json(problems[:20])},
+        metadata={
+            "samples_read": dg.MetadataValue.json(counts),
+            "problems": dg.MetadataValue.json(problems[:20]),
+            "shards_decoded": result["decoded_shards"],
+            "shards_verified_before": result["reused_shards"],
+        },
     )
 
 

@@ -274,6 +274,74 @@ def read_samples(url_or_dir: str | Path | list[str], split: str = "train") -> It
         yield decode_sample(raw)
 
 
+VERIFIED_RECORD = "_verified.json"  # shards already read back by verify_shards: {split/name: [size, mtime_ns, n]}
+
+
+def _verify_shard(tar: Path, sidecar_ids: list[str]) -> tuple[int, list[str]]:
+    """(samples read, problems) of one shard: every sample decodes, has a caption and a segment
+    map of its image's size, and the tar holds exactly the ids of its parquet sidecar."""
+    ids, problems = [], []
+    try:
+        for sample in read_samples(str(tar)):
+            ids.append(sample["id"])
+            if not sample["meta"].get("caption"):
+                problems.append(f"{sample['id']}: empty caption")
+            if sample["seg"].shape != (sample["image"].height, sample["image"].width):
+                problems.append(f"{sample['id']}: segment map does not fit the image")
+    except Exception as exc:  # any decoding error means an unreadable shard
+        problems.append(f"{tar.parent.name}/{tar.name}: {type(exc).__name__}: {exc}")
+    if not problems and ids != sidecar_ids:
+        problems.append(f"{tar.parent.name}/{tar.name}: its samples differ from its sidecar's ids")
+    return len(ids), problems
+
+
+def verify_shards(shards_dir: str | Path) -> dict:
+    """Read back the shards of a dataset folder that were not verified before, and check them all.
+
+    A shard is decoded only when its (size, modification time) is not in ``_verified.json`` (complete
+    shards are immutable, so a verified one stays verified); a clean one is then recorded there. Over
+    all shards, from the parquet sidecars (no decode): no sample id is in two shards, and each split
+    holds as many samples as its ``_stats.json`` says. Returns ``{"counts": {split: n}, "problems":
+    [...], "decoded_shards": n, "reused_shards": n}``.
+    """
+    shards_dir = Path(shards_dir)
+    record_path = shards_dir / VERIFIED_RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    verified, counts, problems, seen = {}, {}, [], {}
+    decoded = reused = 0
+    for split in SPLITS:
+        stats_path = shards_dir / split / "_stats.json"
+        if not stats_path.exists():
+            problems.append(f"{split}: no _stats.json")
+            continue
+        counts[split] = 0
+        for tar in sorted((shards_dir / split).glob("[0-9]*.tar")):
+            name, stat = f"{split}/{tar.name}", tar.stat()
+            sidecar = tar.with_suffix(".parquet")
+            ids = pq.read_table(sidecar, columns=["id"]).column("id").to_pylist() if sidecar.exists() else []
+            for sample_id in ids:
+                if sample_id in seen:
+                    problems.append(f"{sample_id}: in more than one shard ({seen[sample_id]} and {name})")
+                seen.setdefault(sample_id, name)
+            known = record.get(name)
+            if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+                counts[split] += known[2]
+                verified[name], reused = known, reused + 1
+                continue
+            read, shard_problems = _verify_shard(tar, ids)
+            counts[split] += read
+            decoded += 1
+            if not shard_problems:
+                verified[name] = [stat.st_size, stat.st_mtime_ns, read]
+            problems += shard_problems
+        expected = json.loads(stats_path.read_text())["samples"]
+        if counts[split] != expected:
+            problems.append(f"{split}: {counts[split]} samples read, {expected} expected")
+    if verified != record:
+        write_json(verified, record_path)
+    return {"counts": counts, "problems": problems, "decoded_shards": decoded, "reused_shards": reused}
+
+
 def _join(corpus: pa.Table, phrases: pa.Table, segments: pa.Table, matches: pa.Table, models: dict):
     """Per sample the metadata to write; the ledger of the images that failed a step."""
     tables = {"phrases": phrases, "segments": segments, "matches": matches}

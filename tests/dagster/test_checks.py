@@ -82,6 +82,32 @@ def test_shards_readable_on_good_truncated_and_miscounted_shards(chain, tmp_path
     assert any("expected" in problem for problem in result.metadata["problems"].value)
 
 
+def test_shards_readable_decodes_only_shards_it_has_not_verified(chain, tmp_path, monkeypatch):
+    from fc_pipeline.data import shards
+
+    copy = shutil.copytree(chain.path("shards"), tmp_path / "copy")
+    (copy / shards.VERIFIED_RECORD).unlink(missing_ok=True)
+    decoded = []
+    real = shards.decode_sample
+    monkeypatch.setattr(shards, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real(raw))
+    tars = sorted(copy.glob("*/[0-9]*.tar"))
+    first = evaluate_shards_readable(copy)
+    samples = sum(first.metadata["samples_read"].value.values())
+    assert first.passed and first.metadata["shards_decoded"].value == len(tars) and len(decoded) == samples
+    decoded.clear()
+    again = evaluate_shards_readable(copy)
+    assert again.passed and again.metadata["shards_decoded"].value == 0 and decoded == []
+    assert again.metadata["shards_verified_before"].value == len(tars)
+    assert again.metadata["samples_read"].value == first.metadata["samples_read"].value
+    # a rewritten shard is read again; a duplicate id across shards is caught from the sidecars alone
+    tar = copy / "val" / "00000.tar"
+    shutil.copy(copy / "train" / "00000.tar", tar)
+    shutil.copy(copy / "train" / "00000.parquet", tar.with_suffix(".parquet"))
+    result = evaluate_shards_readable(copy)
+    assert not result.passed and result.metadata["shards_decoded"].value == 1
+    assert any("in more than one shard" in p for p in result.metadata["problems"].value)
+
+
 def test_failing_blocking_check_stops_downstream_assets(chain):
     @dg.asset(deps=[dataset.training_shards])
     def downstream_of_shards() -> None:
