@@ -12,6 +12,7 @@ cached`` when nothing was new) and ``training_shards`` appends new shards.
 """
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -402,7 +403,7 @@ def training_shards(
         f"shards: {stats['mode']}, {len(stats['written'])} written, {len(stats['skipped'])} kept, "
         f"{stats['appended']} new samples"
     )
-    samples = list(read_samples(out_dir, "train"))[:PREVIEW_IMAGES]
+    samples = list(itertools.islice(read_samples(out_dir, "train"), PREVIEW_IMAGES))  # decodes only these
     examples = [
         {
             "id": s["id"],
