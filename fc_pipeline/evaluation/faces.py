@@ -1,7 +1,9 @@
 """Face identity metrics (paper §5): MTCNN detection + FaceNet embeddings + matching.
 
 Identity preservation compares FaceNet embeddings of the largest face in a reference photo and
-in a generated image (cosine, clamped at 0; no face = 0). Multi-subject images match every
+in a generated image (cosine, clamped at 0; no face = 0): a single-subject image is scored by its
+largest face even when a smaller face looks more like the reference, as the official FastComposer
+evaluation does (MTCNN's largest-first faces, the first one). Multi-subject images match every
 reference to one detected face (greedy, or Hungarian for comparison) and score the worst subject,
 so one forgotten subject sinks the image. *Blending* — one face mixing two identities, which the
 paper shows only as pictures — is reported as each matched face's similarity to the *other*
@@ -71,9 +73,13 @@ class FaceDetector:
 
 
 class FaceEmbedder(ABC):
-    """A FaceNet backend: 160² face crops (0..255, RGB) -> L2-normalised embeddings."""
+    """A FaceNet backend: 160² face crops (0..255, RGB) -> L2-normalised embeddings.
+
+    ``margin`` is the MTCNN crop margin (pixels) the backend's weights expect.
+    """
 
     name: str
+    margin: int = FACE_MARGIN
 
     @abstractmethod
     def embed(self, crops: torch.Tensor) -> np.ndarray:
@@ -127,6 +133,8 @@ class OpenCVFaceNetEmbedder(FaceEmbedder):
 
 class TorchFaceNetEmbedder(FaceEmbedder):
     """facenet-pytorch ``InceptionResnetV1`` with weights from a local file (the paper's vggface2)."""
+
+    margin = 0  # the official FastComposer evaluation crops vggface2 faces without margin
 
     def __init__(self, weights: str | Path, device: str | torch.device = "cpu", name: str = "vggface2"):
         from facenet_pytorch import InceptionResnetV1
@@ -279,8 +287,8 @@ class FaceScorer:
         detector: FaceDetector | None = None,
         embedder: FaceEmbedder | None = None,
     ):
-        self.detector = detector or FaceDetector(device=device)
         self.embedder = embedder or face_embedder(profile, device=device)
+        self.detector = detector or FaceDetector(device=device, margin=self.embedder.margin)
 
     def faces(self, image: Image.Image) -> DetectedFaces:
         """All faces of an image with their embeddings, largest first."""

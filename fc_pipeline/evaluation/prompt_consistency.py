@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fc_pipeline.profiles import SUBJECT_MARKER, ModelProfile, clip_tokenizer, get_profile
+from fc_pipeline.profiles import PROFILES, SUBJECT_MARKER, ModelProfile, clip_tokenizer, get_profile
+
+PAPER_PROMPT_CLIP = PROFILES["paper"].prompt_clip
 
 # Tiny stand-in for ViT-L/14: same architecture family, random weights from the profile seed.
 TINY_PROMPT_CLIP = dict(
@@ -31,19 +34,29 @@ TINY_PROMPT_CLIP = dict(
 )
 
 
+# How reports mark a prompt-consistency number scored by the tiny profile's random CLIP.
+RANDOM_SCORER_NOTE = "random scorer — not meaningful"
+
+
 def strip_markers(prompt: str) -> str:
     """The prompt as plain text: subject markers removed, whitespace normalised."""
     return re.sub(r"\s+", " ", prompt.replace(SUBJECT_MARKER, " ")).strip()
 
 
 class PromptConsistency:
-    """CLIP image–text similarity of generated images and their prompts, loaded once."""
+    """CLIP image–text similarity of generated images and their prompts, loaded once.
 
-    def __init__(self, profile: ModelProfile | str = "tiny", device: str | torch.device = "cpu"):
+    The ``paper`` profile loads CLIP ViT-L/14 from a local directory or the Hugging Face cache (nothing
+    is downloaded at run time); ``tiny`` builds a random CLIP whose scores are not meaningful
+    (:attr:`note` says so, and reports carry it).
+    """
+
+    def __init__(self, profile: ModelProfile | str = "paper", device: str | torch.device = "cpu"):
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         self.profile = get_profile(profile)
         self.device = torch.device(device)
+        self.random = self.profile.tiny
         if self.profile.tiny:
             torch.manual_seed(self.profile.seed)
             self.model = CLIPModel(CLIPConfig(**TINY_PROMPT_CLIP))
@@ -55,10 +68,26 @@ class PromptConsistency:
                 image_std=[0.26862954, 0.26130258, 0.27577711],
             )
         else:
-            self.model = CLIPModel.from_pretrained(self.profile.prompt_clip)
-            self.tokenizer = CLIPTokenizer.from_pretrained(self.profile.prompt_clip)
-            self.image_processor = CLIPImageProcessor.from_pretrained(self.profile.prompt_clip)
+            source = self.profile.prompt_clip
+            try:
+                self.model = CLIPModel.from_pretrained(source, local_files_only=True)
+                self.tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=True)
+                self.image_processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
+            except (OSError, ValueError):
+                raise FileNotFoundError(_missing_clip_message(source)) from None
         self.model.eval().to(self.device)
+
+    @property
+    def note(self) -> str | None:
+        """``RANDOM_SCORER_NOTE`` when the scores come from a random model, else ``None``."""
+        return RANDOM_SCORER_NOTE if self.random else None
+
+    @property
+    def description(self) -> str:
+        """Which model scores, in words (for reports)."""
+        if self.random:
+            return f"random tiny CLIP (seed {self.profile.seed}) — {RANDOM_SCORER_NOTE}"
+        return f"CLIP {self.profile.prompt_clip}"
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
@@ -84,13 +113,26 @@ class PromptConsistency:
         return (100.0 * cosine).float().cpu().numpy()
 
 
+def _missing_clip_message(source: str) -> str:
+    """How to get the evaluation CLIP when ``source`` (a hub id or a directory) is not on disk."""
+    if Path(source).expanduser().is_absolute() or source.startswith("."):
+        where, fetch = f"no CLIP model directory at {source}", f"hf download {PAPER_PROMPT_CLIP} --local-dir {source}"
+    else:
+        where, fetch = f"{source} is not in the Hugging Face cache", f"hf download {source}"
+    return (
+        f"prompt consistency needs CLIP ViT-L/14 weights, and nothing is downloaded at run time: {where}; "
+        f"fetch them once with `{fetch}` or point --prompt-clip at a local model directory "
+        f"(--profile tiny scores with a random CLIP instead: {RANDOM_SCORER_NOTE})"
+    )
+
+
 def _features(output) -> torch.Tensor:
     # transformers 5 may return a model output object instead of the pooled tensor.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 @lru_cache(maxsize=4)
-def default_prompt_scorer(profile: str = "tiny", device: str = "cpu") -> PromptConsistency:
+def default_prompt_scorer(profile: ModelProfile | str = "paper", device: str = "cpu") -> PromptConsistency:
     """A process-wide :class:`PromptConsistency` per (profile, device)."""
     return PromptConsistency(profile, device)
 

@@ -12,7 +12,7 @@ import html
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,23 +100,34 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
+def _header(column: str, notes: Mapping[str, str] | None) -> str:
+    """The column name, marked with the note of the metric it shows (e.g. a random scorer's)."""
+    note = next((text for metric, text in (notes or {}).items() if metric in column), None)
+    return f"{column} ({note})" if note else column
+
+
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, notes: Mapping[str, str] | None = None
+) -> str:
+    """A GitHub-flavoured markdown table (``|`` in cells escaped); ``notes`` mark the headers of metrics."""
     if not rows:
         return "_no rows_\n"
     columns = list(columns or rows[0].keys())
     cell = lambda v: _format(v).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    headers = [_header(c, notes) for c in columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """An HTML table with escaped cells."""
+def html_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, notes: Mapping[str, str] | None = None
+) -> str:
+    """An HTML table with escaped cells; ``notes`` mark the headers of metrics."""
     if not rows:
         return "<p><em>no rows</em></p>"
     columns = list(columns or rows[0].keys())
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(_header(c, notes))}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_format(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
     )
@@ -218,29 +229,41 @@ def _data_uri(path: Path) -> str:
 
 
 def write_report(
-    out_dir: str | Path, summary: Sequence[dict[str, Any]], figures: dict[str, list[Path]], settings: dict[str, Any]
+    out_dir: str | Path,
+    summary: Sequence[dict[str, Any]],
+    figures: dict[str, list[Path]],
+    settings: dict[str, Any],
+    notes: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
-    """``report.md`` (figures by relative path) and a self-contained ``report.html`` (figures inlined)."""
+    """``report.md`` (figures by relative path) and a self-contained ``report.html`` (figures inlined).
+
+    ``notes`` (metric -> text, e.g. ``{"prompt_consistency": "random scorer — not meaningful"}``) mark
+    every column of that metric and head the report.
+    """
     out = Path(out_dir)
     compared = comparison(summary)
-    sections = [("Summary", summary, list(SUMMARY_COLUMNS))]
+    sections = [("Summary", summary, list(SUMMARY_COLUMNS), notes)]
     if compared:
-        sections.append(("Checkpoint comparison", compared, None))
-    sections.append(("Paper reference (SD1.5, FFHQ-wild, 8×A6000)", PAPER_REFERENCE, None))
+        sections.append(("Checkpoint comparison", compared, None, notes))
+    sections.append(("Paper reference (SD1.5, FFHQ-wild, 8×A6000)", PAPER_REFERENCE, None, None))
+    warnings = [f"{metric}: {text}" for metric, text in (notes or {}).items()]
     md = [
         "# FastComposer evaluation\n",
-        "Identity: FaceNet cosine of matched faces (clamped at 0, no face = 0), "
-        "minimum over subjects for multi-subject images; margin = own − best other reference "
-        "(negative = blended identities). Prompt consistency: CLIP image–text cosine × 100.\n",
+        "Identity: FaceNet cosine of the largest generated face (single subject) or of the greedily "
+        "matched faces, minimum over subjects (multi-subject); clamped at 0, no face = 0; margin = own − "
+        "best other reference (negative = blended identities). Prompt consistency: CLIP image–text "
+        "cosine × 100.\n",
+        *(f"**{w}**\n" for w in warnings),
         markdown_table([{"setting": k, "value": v} for k, v in settings.items()]),
     ]
     body = [
         f"<h1>FastComposer evaluation</h1><p>{html.escape(md[1])}</p>",
+        *(f"<p><strong>{html.escape(w)}</strong></p>" for w in warnings),
         html_table([{"setting": k, "value": v} for k, v in settings.items()]),
     ]
-    for title, rows, columns in sections:
-        md += [f"\n## {title}\n", markdown_table(rows, columns)]
-        body += [f"<h2>{html.escape(title)}</h2>", html_table(rows, columns)]
+    for title, rows, columns, marks in sections:
+        md += [f"\n## {title}\n", markdown_table(rows, columns, marks)]
+        body += [f"<h2>{html.escape(title)}</h2>", html_table(rows, columns, marks)]
     for title, paths in figures.items():
         if not paths:
             continue

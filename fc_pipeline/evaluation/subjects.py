@@ -2,6 +2,9 @@
 
 An optional ``subjects.json`` beside the sub-folders gives each subject's class word
 (``{"paul_rudd": "man", ...}``); subjects it does not name get the default word ("person").
+The paper's benchmark layout — the 15 CelebA test identities, one folder per identity named by its
+CelebA id (``000001/``, ...) with one image — needs no ``subjects.json``: a folder holding only
+those ids takes the class words of the official evaluation (man/woman).
 """
 
 from __future__ import annotations
@@ -17,6 +20,24 @@ from fc_pipeline.storage import atomic_write, write_json
 
 SUBJECTS_METADATA = "subjects.json"
 DEFAULT_CLASS_WORD = "person"
+# The official evaluation's class word of each CelebA test identity (its single-subject benchmark).
+CELEBA_TEST_CLASS_WORDS = {
+    "000001": "man",
+    "000181": "man",
+    "000268": "man",
+    "000612": "woman",
+    "000667": "woman",
+    "001603": "woman",
+    "001854": "man",
+    "002088": "woman",
+    "002464": "woman",
+    "002782": "man",
+    "002880": "woman",
+    "002929": "woman",
+    "002937": "woman",
+    "003785": "man",
+    "004153": "woman",
+}
 
 
 @dataclass(frozen=True)
@@ -48,8 +69,11 @@ def load_subjects(subjects_dir: str | Path, class_word: str = DEFAULT_CLASS_WORD
             raise ValueError(
                 f'{metadata_path} must map subject folder names to class words, e.g. {{"paul_rudd": "man"}}'
             )
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    celeba = folders and {f.name for f in folders} <= CELEBA_TEST_CLASS_WORDS.keys()
+    default_words = CELEBA_TEST_CLASS_WORDS if celeba else {}
     subjects, problems = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in folders:
         references = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
         if not references:
             problems.append(f"{folder.name}: no reference image ({', '.join(IMAGE_SUFFIXES)})")
@@ -59,7 +83,8 @@ def load_subjects(subjects_dir: str | Path, class_word: str = DEFAULT_CLASS_WORD
         except ImageError as exc:
             problems.append(f"{folder.name}: {exc}")
             continue
-        subjects.append(Subject(folder.name, class_words.get(folder.name, class_word).strip(), references))
+        word = class_words.get(folder.name) or default_words.get(folder.name, class_word)
+        subjects.append(Subject(folder.name, word.strip(), references))
     unknown = sorted(set(class_words) - {s.name for s in subjects} - {p.split(":")[0] for p in problems})
     if unknown:
         problems.append(f"{SUBJECTS_METADATA} names subjects without a folder: {unknown}")
