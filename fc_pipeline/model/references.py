@@ -72,31 +72,21 @@ class ReferenceAugmentation:
         return crop[:, :width] if height > width else crop
 
 
-def _as_uint8_tensor(image: PIL.Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(image, PIL.Image.Image):
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
-        return pil_to_tensor(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    return image
-
-
 def reference_pixels(
-    image: PIL.Image.Image | np.ndarray | torch.Tensor,
+    image: PIL.Image.Image | torch.Tensor,
     size: int,
     *,
     canvas: torch.Tensor | None = None,
     augment: v2.Transform | None = None,
 ) -> torch.Tensor:
-    """CLIP-normalised ``float [3, size, size]`` of a reference photo (PIL, ``uint8 [H, W, 3]`` array
-    or ``uint8 [3, H, W]`` tensor): centred on a black square (or on ``canvas``, a ``uint8 [3, s, s]``
-    square, ``s`` the photo's longer side), resized bilinearly with antialiasing, then ``augment``."""
+    """CLIP-normalised ``float [3, size, size]`` of a reference photo (PIL or ``uint8 [3, H, W]``):
+    centred on a black square (or on ``canvas``, ``uint8 [3, s, s]`` with ``s`` the photo's longer
+    side), resized bilinearly with antialiasing, then ``augment`` (``uint8`` in, ``uint8`` out)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    pixels = _as_uint8_tensor(image)
+    pixels = TF.pil_to_tensor(image.convert("RGB")) if isinstance(image, PIL.Image.Image) else image
     height, width = pixels.shape[-2:]
     side = max(height, width)
     if canvas is None:
