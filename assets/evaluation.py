@@ -10,9 +10,11 @@ import base64
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets.deployment import GPU_OP_TAGS
 from assets.resources import GPU_POOL, DatasetStore, EvaluatorResource
+from assets.settings import config_class, to_settings
 from fc_pipeline.evaluation.report import SUMMARY_COLUMNS, markdown_table
 from fc_pipeline.evaluation.runner import EvaluationConfig, run_evaluation
 from fc_pipeline.evaluation.subjects import write_demo_subjects
@@ -22,22 +24,29 @@ CHECKPOINT_ASSET = dg.AssetKey("fastcomposer_checkpoint")
 CHECKPOINT_METADATA_KEYS = ("checkpoint", "checkpoint_dir", "path")
 
 
-class EvaluationReportConfig(dg.Config):
-    """Benchmark settings; the defaults keep the tiny demo to a minute on a laptop CPU."""
+# the tiny demo takes about a minute on a laptop CPU with these; everything else is the library's default
+DEMO_DEFAULTS = dict(
+    prompt_sets=("single", "multi"), images_per_prompt=1, num_inference_steps=10, max_prompts=2, max_subject_groups=2
+)
+EvaluationSettings = config_class(
+    EvaluationConfig,
+    "EvaluationSettings",
+    "The library's EvaluationConfig fields (fc_pipeline.evaluation.runner), demo defaults.",
+    defaults=DEMO_DEFAULTS,
+)
 
-    checkpoint: str = ""  # empty = the directory the upstream fastcomposer_checkpoint recorded
-    subjects_dir: str = ""  # empty = a two-identity set from package-bundled photos
-    prompt_sets: list[str] = ["single", "multi"]
-    images_per_prompt: int = 1
-    alphas: list[float] = [0.7]
-    text_only_baseline: bool = True
-    num_inference_steps: int = 10
-    guidance_scale: float = 5.0
-    resolution: int = 0  # 0 = the model's native resolution
-    seed: int = 0
-    max_prompts: int = 2
-    max_subject_groups: int = 2
-    class_word: str = "person"
+
+class EvaluationReportConfig(EvaluationSettings):
+    """Benchmark settings: every field of the library's ``EvaluationConfig`` (demo defaults,
+    ``DEMO_DEFAULTS``) plus what to evaluate."""
+
+    checkpoint: str = Field(
+        default="", description="Checkpoint directory; empty: the one the upstream fastcomposer_checkpoint recorded."
+    )
+    subjects_dir: str = Field(
+        default="", description="One sub-folder of reference photos per identity; empty: a bundled two-identity set."
+    )
+    resolution: int | None = Field(default=None, description="Image size in px (sets height and width).")
 
 
 def checkpoint_path(context: dg.AssetExecutionContext, configured: str) -> Path:
@@ -74,18 +83,14 @@ def evaluation_report(
         if config.subjects_dir
         else write_demo_subjects(store.root / "evaluation" / "demo_subjects")
     )
-    settings = config.model_dump(exclude={"checkpoint", "subjects_dir", "resolution"})
-    size = config.resolution or None
+    size = {"height": config.resolution, "width": config.resolution} if config.resolution else {}
+    settings = to_settings(EvaluationConfig, config, **size)
     context.log.info(f"evaluating {checkpoint} on {subjects_dir} -> {out_dir}")
     result = run_evaluation(
         checkpoint,
         subjects_dir,
         out_dir,
-        EvaluationConfig(
-            **{**settings, "prompt_sets": tuple(config.prompt_sets), "alphas": tuple(config.alphas)},
-            height=size,
-            width=size,
-        ),
+        settings,
         profile=evaluator.profile,
         faces=evaluator.face_scorer(),
         prompt_scorer=evaluator.prompt_scorer(),

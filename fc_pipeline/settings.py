@@ -124,7 +124,9 @@ def add_arguments(
             continue
         kind = field_types(cls)[field.name]
         shown = defaults.get(field.name, default_of(field))
-        text = describe(field) + ("" if shown is dataclasses.MISSING else f" [default: {shown}]")
+        if isinstance(shown, (list, tuple)):
+            shown = " ".join(map(str, shown))
+        text = describe(field) + ("" if shown in (dataclasses.MISSING, None) else f" [default: {shown}]")
         strings = [aliases[field.name], flag(field.name)] if field.name in aliases else [flag(field.name)]
         options: dict[str, Any] = dict(dest=field.name, default=None, help=text.replace("%", "%%"))
         if kind is bool:
@@ -158,6 +160,29 @@ def resolve_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """``None``/``""``/``"auto"`` -> half precision on CUDA (bfloat16 where supported, else float16),
+    float32 elsewhere; a dtype name is kept."""
+    if dtype not in (None, "", "auto"):
+        return dtype
+    if not str(device).startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def release_memory() -> None:
+    """Collect released models now and hand cached CUDA memory back to the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def torch_dtype(dtype: Any):

@@ -21,11 +21,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from fc_pipeline.evaluation.faces import DetectedFaces, FaceScorer, default_face_scorer
+from fc_pipeline.evaluation.faces import MATCHERS, DetectedFaces, FaceScorer, default_face_scorer
 from fc_pipeline.evaluation.prompt_consistency import PromptConsistency, default_prompt_scorer, strip_markers
 from fc_pipeline.evaluation.prompts import BenchmarkCase, benchmark_cases, load_prompt_set
 from fc_pipeline.evaluation.report import plot_alpha_sweep, plot_attention, plot_grid, summarise, write_report
 from fc_pipeline.evaluation.subjects import DEFAULT_CLASS_WORD, load_subjects
+from fc_pipeline.settings import SettingError, setting, validate
 from fc_pipeline.storage import atomic_write, write_json, write_parquet
 
 PAPER_ALPHA_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -33,31 +34,42 @@ PAPER_ALPHA_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What to generate and how to score it. Defaults follow the paper; the caps keep demos fast."""
+    """What to generate and how to score it, each setting declared once: the ``evaluate`` command's
+    flags and the Dagster config of ``evaluation_report`` derive from these fields. Defaults follow
+    the paper; the caps keep demos fast."""
 
-    prompt_sets: tuple[str, ...] = ("single",)  # "single", "multi" or JSON files (see prompts.py)
-    images_per_prompt: int = 4
-    alphas: tuple[float, ...] = (0.7,)
-    text_only_baseline: bool = True  # adds α = 0 (plain SD) to the α list
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    max_prompts: int | None = None
-    max_subject_groups: int | None = None
-    class_word: str = DEFAULT_CLASS_WORD
-    matching: str = "greedy"
-    grid_samples: int = 4
-    attention_samples: int = 2
+    prompt_sets: tuple[str, ...] = setting(
+        ("single",), "Prompt sets: single, multi or JSON files (see fc_pipeline.evaluation.prompts)."
+    )
+    images_per_prompt: int = setting(4, "Images generated per prompt and subject group.", min=1)
+    alphas: tuple[float, ...] = setting(
+        (0.7,),
+        "Delayed-conditioning ratios α (share of the steps, at the end, conditioned on the subjects).",
+        paper="0.7 (0.6–0.8)",
+        min=0,
+        max=1,
+    )
+    text_only_baseline: bool = setting(True, "Add α = 0: the checkpoint without subject images (plain SD).")
+    num_inference_steps: int = setting(50, "Denoising steps.", paper=50, min=1)
+    guidance_scale: float = setting(5.0, "Classifier-free guidance scale.", paper=5.0, min=0)
+    seed: int = setting(0, "Seed of the first image of each prompt (image k uses seed + k).")
+    height: int | None = setting(None, "Image height in px; empty: the model's.", min=8)
+    width: int | None = setting(None, "Image width in px; empty: the model's.", min=8)
+    max_prompts: int | None = setting(None, "Use only the first N prompts; empty: all.", min=1)
+    max_subject_groups: int | None = setting(None, "Use only the first N subjects / pairs; empty: all.", min=1)
+    class_word: str = setting(DEFAULT_CLASS_WORD, "Class word of subjects not in subjects.json.")
+    matching: str = setting(
+        "greedy", "Face-to-reference matching of multi-subject images.", paper="greedy", choices=MATCHERS
+    )
+    grid_samples: int = setting(4, "Cases shown in the report's image grids.", min=0)
+    attention_samples: int = setting(2, "Multi-subject cases whose attention maps the report shows.", min=0)
 
     def __post_init__(self):
-        if self.images_per_prompt < 1:
-            raise ValueError("images_per_prompt must be at least 1")
+        validate(self)
         if not self.prompt_sets:
-            raise ValueError("prompt_sets must name at least one prompt set ('single', 'multi' or a JSON file)")
-        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
-            raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {self.alphas}")
+            raise SettingError("prompt_sets", "must name at least one prompt set ('single', 'multi' or a JSON file)")
+        if not self.alphas:
+            raise SettingError("alphas", "must name at least one α in [0, 1]")
 
     @property
     def alpha_values(self) -> list[float]:
