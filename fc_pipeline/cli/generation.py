@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class GenerationJob:
     height: int | None = None
     width: int | None = None
     save_attention: bool = False
+    truncate: bool = False  # cut a prompt over the text encoder's token limit (with a warning) instead of failing
 
     def output_paths(self) -> list[Path]:
         """``out`` itself for one image, else ``<stem>_<k><suffix>`` per image."""
@@ -141,7 +143,7 @@ def load_subject_images(job: GenerationJob, pipeline) -> list[PIL.Image.Image]:
     width = job.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
         pipeline.check_inputs(
-            [job.prompt],
+            job.prompt,
             subject_lists,
             job.alpha,
             job.steps,
@@ -150,12 +152,29 @@ def load_subject_images(job: GenerationJob, pipeline) -> list[PIL.Image.Image]:
             job.negative_prompt,
             job.num_images,
             job.save_attention,
-            (),
+            truncate=job.truncate,
         )
-        pipeline.tokenize_prompt([job.prompt], subject_lists)
     except ValueError as exc:
         raise JobError(str(exc)) from None
+    check_writable(job.output_paths())
     return images
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Raise ``JobError`` unless every output path can be written (probed in its nearest existing folder)."""
+    for path in paths:
+        if path.is_dir():
+            raise JobError(f"output {path} is a directory; give an image file name")
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        try:
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is not a directory")
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise JobError(f"cannot write output {path}: {exc}") from None
 
 
 def run_job(pipeline, job: GenerationJob, subject_images: list[PIL.Image.Image]) -> list[Path]:
@@ -172,6 +191,7 @@ def run_job(pipeline, job: GenerationJob, subject_images: list[PIL.Image.Image])
         num_images_per_prompt=job.num_images,
         generator=torch.Generator("cpu").manual_seed(job.seed),
         return_attention_maps=job.save_attention,
+        truncate=job.truncate,
     )
     written = []
     for k, (image, path) in enumerate(zip(output.images, job.output_paths())):

@@ -107,7 +107,7 @@ def test_each_step_gets_the_right_embedding(pipe, subject_paths, alpha, steps, s
     if start < steps:
         augmented = delayed.calls[-1].chunk(2)[1][0]
         changed = (augmented != text_embeds.chunk(2)[1][0]).any(-1).nonzero().flatten().tolist()
-        subject_tokens = pipe.tokenize_prompt([PROMPT], [subject_paths])[1][0]
+        subject_tokens = pipe.parse_prompts([PROMPT], [subject_paths])[1][0]
         assert changed == subject_tokens, "only the subject tokens are augmented"
 
 
