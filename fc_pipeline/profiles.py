@@ -56,6 +56,13 @@ class ModelProfile:
     prompt_clip: str = "openai/clip-vit-large-patch14"  # the official evaluation's CLIP "ViT-L/14"
     facenet: str = "vggface2"  # InceptionResnetV1(pretrained="vggface2"), as the official evaluation code
     tiny_configs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the model store the ids point into (fc_pipeline.pretrained); set, nothing is looked up on a hub
+    models_dir: str = ""
+
+    @property
+    def offline(self) -> bool:
+        """Whether every model loads from local files only (``local_files_only=True``)."""
+        return bool(self.models_dir)
 
     def override(self, **changes: Any) -> ModelProfile:
         """A copy with some ids replaced; unknown names raise ``TypeError``."""
@@ -203,15 +210,25 @@ PROFILES: dict[str, ModelProfile] = {
 }
 
 
-def get_profile(name: str | ModelProfile = "tiny", **overrides: Any) -> ModelProfile:
-    """Look up a profile by name and apply id overrides (``None`` values are ignored)."""
+def get_profile(name: str | ModelProfile = "tiny", models_dir: str | None = None, **overrides: Any) -> ModelProfile:
+    """Look up a profile by name and apply id overrides (``None`` values are ignored).
+
+    A ``paper`` profile then points into the model store ``models_dir`` (default
+    ``$FC_PIPELINE_MODELS``; ``""`` for none): see :mod:`fc_pipeline.pretrained`.
+    """
     if isinstance(name, ModelProfile):
-        return name.override(**overrides)
-    try:
-        profile = PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown model profile {name!r}; choose one of {sorted(PROFILES)}") from None
-    return profile.override(**overrides)
+        profile = name
+    else:
+        try:
+            profile = PROFILES[name]
+        except KeyError:
+            raise ValueError(f"unknown model profile {name!r}; choose one of {sorted(PROFILES)}") from None
+    profile = profile.override(**overrides)
+    if profile.tiny:
+        return profile
+    from fc_pipeline.pretrained import use_store
+
+    return use_store(profile, models_dir)
 
 
 def paper_config(component: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from fc_pipeline.data import batches, from_pretrained, resolve_model, torch_dtype
 from fc_pipeline.images import ImageError, load_image
+from fc_pipeline.pretrained import check_step_memory
 from fc_pipeline.profiles import ModelProfile, clip_tokenizer, get_profile
 
 logger = logging.getLogger(__name__)
@@ -39,15 +40,22 @@ class Captioner:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         self.max_new_tokens = max_new_tokens
+        check_step_memory("caption", self.profile, self.device, self.dtype)
         if self.profile.tiny:
             self.processor, self.model = _tiny_blip2(self.profile)
         else:
             from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-            model_id = self.profile.captioner
-            self.processor = from_pretrained(Blip2Processor.from_pretrained, model_id, "captioner")
+            model_id, offline = self.profile.captioner, self.profile.offline
+            self.processor = from_pretrained(
+                Blip2Processor.from_pretrained, model_id, "captioner", local_files_only=offline
+            )
             self.model = from_pretrained(
-                Blip2ForConditionalGeneration.from_pretrained, model_id, "captioner", dtype=self.dtype
+                Blip2ForConditionalGeneration.from_pretrained,
+                model_id,
+                "captioner",
+                dtype=self.dtype,
+                local_files_only=offline,
             )
         self.model.to(self.device, self.dtype).eval()
 

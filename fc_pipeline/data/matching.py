@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from fc_pipeline.data import from_pretrained, resolve_model, torch_dtype
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import ImageError, load_image
+from fc_pipeline.pretrained import check_step_memory
 from fc_pipeline.profiles import ModelProfile, get_profile, sbert_path
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class SubjectMatcher:
         self.profile = get_profile(profile)
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
+        check_step_memory("match", self.profile, self.device, self.dtype)
         if self.profile.tiny:
             config = self.profile.tiny_configs["matcher_clip"]
             with torch.random.fork_rng(devices=[]):
@@ -87,17 +89,20 @@ class SubjectMatcher:
             self.preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
         else:
-            # ``matcher_clip_pretrained`` is an open_clip tag or a local weights file
+            # ``matcher_clip_pretrained`` is an open_clip tag or a local weights file; a model store
+            # names a ``local-dir:`` folder (config + weights) instead and no tag
             name, weights = self.profile.matcher_clip, self.profile.matcher_clip_pretrained
             self.clip, _, self.preprocess = from_pretrained(
-                lambda _: open_clip.create_model_and_transforms(name, pretrained=weights),
+                lambda _: open_clip.create_model_and_transforms(name, pretrained=weights or None),
                 f"{name} ({weights})",
                 "matcher_clip_pretrained",
             )
             self.tokenizer = open_clip.get_tokenizer(self.profile.matcher_clip)
         self.clip.to(self.device, self.dtype).eval()
         self.sbert = from_pretrained(
-            lambda path: SentenceTransformer(path, device=str(self.device)), sbert_path(self.profile), "sbert"
+            lambda path: SentenceTransformer(path, device=str(self.device), local_files_only=self.profile.offline),
+            sbert_path(self.profile),
+            "sbert",
         )
         self.default_threshold = DEFAULT_THRESHOLDS["tiny" if self.profile.tiny else "paper"]
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from fc_pipeline.data import batches, from_pretrained, resolve_model, torch_dtype
 from fc_pipeline.images import ImageError, load_image
+from fc_pipeline.pretrained import check_step_memory
 from fc_pipeline.profiles import ModelProfile, get_profile
 from fc_pipeline.storage import atomic_write
 
@@ -87,12 +88,17 @@ class Segmenter:
         self.threshold = threshold
         self.mask_threshold = mask_threshold
         self.overlap_mask_area_threshold = overlap_mask_area_threshold
+        check_step_memory("segment", self.profile, self.device, self.dtype)
         if self.profile.tiny:
             self.processor, self.model = _tiny_mask2former(self.profile)
         else:
-            model_id = self.profile.segmenter
-            self.processor = from_pretrained(Mask2FormerImageProcessor.from_pretrained, model_id, "segmenter")
-            self.model = from_pretrained(Mask2FormerForUniversalSegmentation.from_pretrained, model_id, "segmenter")
+            model_id, offline = self.profile.segmenter, self.profile.offline
+            self.processor = from_pretrained(
+                Mask2FormerImageProcessor.from_pretrained, model_id, "segmenter", local_files_only=offline
+            )
+            self.model = from_pretrained(
+                Mask2FormerForUniversalSegmentation.from_pretrained, model_id, "segmenter", local_files_only=offline
+            )
         self.model.to(self.device, self.dtype).eval()
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.stuff_label_ids = {k for k, label in self.id2label.items() if label not in COCO_THING_LABELS}

@@ -81,15 +81,15 @@ def _tiny_components(profile: ModelProfile) -> dict[str, Any]:
 
 
 def _paper_components(profile: ModelProfile, torch_dtype: torch.dtype | None) -> dict[str, Any]:
-    sd = profile.stable_diffusion
+    sd, clip, local = profile.stable_diffusion, profile.image_encoder, {"local_files_only": profile.offline}
     parts: dict[str, Any] = {
-        "vae": AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=torch_dtype),
-        "text_encoder": CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch_dtype),
-        "tokenizer": CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
-        "unet": UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=torch_dtype),
-        "scheduler": DDPMScheduler.from_pretrained(sd, subfolder="scheduler"),
-        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(profile.image_encoder, dtype=torch_dtype),
-        "feature_extractor": CLIPImageProcessor.from_pretrained(profile.image_encoder),
+        "vae": AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=torch_dtype, **local),
+        "text_encoder": CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch_dtype, **local),
+        "tokenizer": CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer", **local),
+        "unet": UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=torch_dtype, **local),
+        "scheduler": DDPMScheduler.from_pretrained(sd, subfolder="scheduler", **local),
+        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(clip, dtype=torch_dtype, **local),
+        "feature_extractor": CLIPImageProcessor.from_pretrained(clip, **local),
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.seed)
