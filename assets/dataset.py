@@ -36,7 +36,7 @@ from .deployment import GPU_OP_TAGS
 from .metadata import caption_examples, contact_sheet, failure_counts, markdown_table, overlay_segments, save_preview
 from .partitions import corpus_partitions
 from .resources import GPU_POOL, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
-from .settings import config_class
+from .settings import STEP_CONFIGS, check_run_config, config_class
 
 GROUP = "dataset"
 PREVIEW_IMAGES = 4
@@ -201,6 +201,7 @@ def corpus_images(
     from fc_pipeline.data.corpus import scan_corpus
     from fc_pipeline.locks import locked_output
 
+    check_run_config(context)
     corpus = context.partition_key
     source = Path(config.source) if config.source else store.source(corpus)
     if not config.source and corpus == DEMO_CORPUS:
@@ -246,14 +247,16 @@ def captions(
     """A caption per image: the one the corpus provides, else BLIP-2's (model built only if needed)."""
     from fc_pipeline.data.captioning import caption_corpus
 
+    check_run_config(context)
     corpus = context.partition_key
     output = store.path(corpus, CAPTIONS)
-    table, counts = update_step(
-        output,
-        read_inputs(store, corpus, IMAGES),
-        {"captioner": _resource_settings(captioner)},
-        lambda images: caption_corpus(images, captioner.load, batch_size=config.batch_size),
-    )
+    with captioner.loaded() as load:
+        table, counts = update_step(
+            output,
+            read_inputs(store, corpus, IMAGES),
+            {"captioner": _resource_settings(captioner)},
+            lambda images: caption_corpus(images, load, batch_size=config.batch_size),
+        )
     sources = table.column("caption_source").to_pylist()
     rows = [r for r in table.to_pylist() if r["caption"]]
     examples = [r for r in rows if r["caption_source"] == "model"][:3] + [
@@ -277,18 +280,18 @@ def panoptic_segments(
     """Panoptic segments per image (Mask2Former, or the corpus's own annotation) and a 16-bit id map."""
     from fc_pipeline.data.segmentation import segment_corpus
 
+    check_run_config(context)
     corpus = context.partition_key
     output = store.path(corpus, SEGMENTS)
     (images,) = read_inputs(store, corpus, IMAGES)
-    table, counts = update_step(
-        output,
-        [images],
-        {"segmenter": _resource_settings(segmenter)},
-        lambda rows: segment_corpus(
-            rows, segmenter.load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size
-        ),
-        temp_dirs=[store.path(corpus, SEGMENT_MAPS)],
-    )
+    with segmenter.loaded() as load:
+        table, counts = update_step(
+            output,
+            [images],
+            {"segmenter": _resource_settings(segmenter)},
+            lambda rows: segment_corpus(rows, load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size),
+            temp_dirs=[store.path(corpus, SEGMENT_MAPS)],
+        )
     per_image = {r["id"]: json.loads(r["segments"] or "[]") for r in table.to_pylist() if not r["error"]}
     labels = [s["label"] for segs in per_image.values() for s in segs]
     shown = {i: None for i, segs in per_image.items() if segs}
@@ -317,6 +320,7 @@ def noun_phrases(context: dg.AssetExecutionContext, config: PhrasesConfig, store
     """Noun phrases of each caption (spaCy), numbered plurals expanded: "two women" -> "a woman and a woman"."""
     from fc_pipeline.data.phrases import phrase_corpus
 
+    check_run_config(context)
     corpus = context.partition_key
     output = store.path(corpus, PHRASES)
     spacy_model = get_profile(config.profile).spacy
@@ -345,15 +349,22 @@ def subject_matches(
     """Subjects per image: noun phrases matched one-to-one to ``person`` segments (CLIP × SBERT score)."""
     from fc_pipeline.data.matching import match_corpus
 
+    check_run_config(context)
     corpus = context.partition_key
     output = store.path(corpus, MATCHES)
     images, segments, phrases = read_inputs(store, corpus, IMAGES, SEGMENTS, PHRASES)
-    table, counts = update_step(
-        output,
-        [images, segments, phrases],
-        {"matcher": _resource_settings(matcher), "threshold": config.threshold, "max_subjects": config.max_subjects},
-        lambda *rows: match_corpus(*rows, matcher.load, threshold=config.threshold, max_subjects=config.max_subjects),
-    )
+    settings = {
+        "matcher": _resource_settings(matcher),
+        "threshold": config.threshold,
+        "max_subjects": config.max_subjects,
+    }
+    with matcher.loaded() as load:
+        table, counts = update_step(
+            output,
+            [images, segments, phrases],
+            settings,
+            lambda *rows: match_corpus(*rows, load, threshold=config.threshold, max_subjects=config.max_subjects),
+        )
     subjects = {r["id"]: json.loads(r["subjects"] or "[]") for r in table.to_pylist() if not r["error"]}
     histogram = np.bincount([len(s) for s in subjects.values()], minlength=config.max_subjects + 1).tolist()
     shown = {i: [s["segment_id"] for s in subs] for i, subs in subjects.items() if subs}
@@ -387,6 +398,7 @@ def training_shards(
     ledger of every image left out. New images go into new shards; complete shards are never rewritten."""
     from fc_pipeline.data.shards import read_samples, write_shards
 
+    check_run_config(context)
     corpus = context.partition_key
     out_dir = store.path(corpus, SHARDS)
     models = {"profile": captioner.profile, **captioner.model_ids(), **segmenter.model_ids(), **matcher.model_ids()}
@@ -437,3 +449,15 @@ def training_shards(
         examples=dg.MetadataValue.md(markdown_table(examples, ["id", "caption", "subjects"])),
         **_preview(store, corpus, "training_shards", overlays),
     )
+
+
+STEP_CONFIGS.update(
+    {
+        corpus_images.op.name: CorpusImagesConfig,
+        captions.op.name: CaptionsConfig,
+        panoptic_segments.op.name: SegmentsConfig,
+        noun_phrases.op.name: PhrasesConfig,
+        subject_matches.op.name: MatchesConfig,
+        training_shards.op.name: ShardsConfig,
+    }
+)

@@ -1,20 +1,25 @@
 """Dagster resources: where a corpus's files live, and one resource per model.
 
-A model resource builds its model lazily, the first time a step really needs it, and keeps it
-for the life of the process (a module-level cache keyed by the resource's settings), so several
-assets or re-executions in one process never load the same weights twice.
+A model resource lends its model to one step: ``with resource.loaded() as load:`` gives a
+factory that builds the model the first time the step really needs it (an all-cached step loads
+nothing), and on leaving the block the model is dropped and the CUDA cache emptied, so no step
+holds accelerator memory that the next one (e.g. the training subprocess) needs. On CUDA models
+load in half precision by default (bfloat16 where supported), on CPU in float32.
 """
 
 from __future__ import annotations
 
 import os
-from functools import cache
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from fc_pipeline.profiles import ModelProfile, get_profile
+from fc_pipeline.settings import release_memory, resolve_device, resolve_dtype
 
 from .instance import GPU_POOL  # noqa: F401  (the pool of every step that needs the accelerator)
 
@@ -26,18 +31,39 @@ def default_data_root() -> Path:
     return Path(os.environ.get("FC_PIPELINE_DATA") or REPO_ROOT / "data")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is kept."""
-    if device != "auto":
-        return device
-    import torch
+class ModelResource(dg.ConfigurableResource):
+    """A model lent to one step (see the module docstring); subclasses say how to :meth:`build` it."""
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    profile: str = "tiny"
+    device: str = Field(default="auto", description="auto: cuda when a GPU is visible, else cpu.")
+    dtype: str = Field(default="auto", description="auto: bfloat16 (or float16) on CUDA, float32 on CPU.")
 
+    @property
+    def torch_device(self) -> str:
+        return resolve_device(self.device)
 
-@cache
-def _load_once(factory: type, profile: ModelProfile, **settings: Any) -> Any:
-    return factory(profile, **settings)
+    @property
+    def torch_dtype_name(self) -> str:
+        return resolve_dtype(self.dtype, self.torch_device)
+
+    def build(self) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def loaded(self) -> Iterator[Callable[[], Any]]:
+        """A factory of this resource's model for the block: built on first call, released on exit."""
+        held: list[Any] = []
+
+        def load() -> Any:
+            if not held:
+                held.append(self.build())
+            return held[0]
+
+        try:
+            yield load
+        finally:
+            held.clear()
+            release_memory()
 
 
 class DatasetStore(dg.ConfigurableResource):
@@ -84,13 +110,10 @@ class DatasetStore(dg.ConfigurableResource):
         return self.dataset_dir(corpus) / name
 
 
-class CaptionerResource(dg.ConfigurableResource):
+class CaptionerResource(ModelResource):
     """BLIP-2 captioner of a model profile (``model`` overrides the profile's checkpoint)."""
 
-    profile: str = "tiny"
     model: str = ""
-    device: str = "auto"
-    dtype: str = ""
     max_new_tokens: int = 30
 
     @property
@@ -101,25 +124,22 @@ class CaptionerResource(dg.ConfigurableResource):
         """Which checkpoint this resource loads (for provenance; nothing is loaded)."""
         return {"captioner": self.model_profile.captioner}
 
-    def load(self):
-        """The captioner, built on first use and shared by the whole process."""
+    def build(self):
+        """The captioner."""
         from fc_pipeline.data.captioning import Captioner
 
-        return _load_once(
-            Captioner,
+        return Captioner(
             self.model_profile,
-            device=resolve_device(self.device),
-            dtype=self.dtype or None,
+            device=self.torch_device,
+            dtype=self.torch_dtype_name,
             max_new_tokens=self.max_new_tokens,
         )
 
 
-class SegmenterResource(dg.ConfigurableResource):
+class SegmenterResource(ModelResource):
     """Mask2Former panoptic segmenter of a model profile, with its post-processing thresholds."""
 
-    profile: str = "tiny"
     model: str = ""
-    device: str = "auto"
     threshold: float = 0.8
     mask_threshold: float = 0.5
     overlap_mask_area_threshold: float = 0.8
@@ -132,28 +152,26 @@ class SegmenterResource(dg.ConfigurableResource):
         """Which checkpoint this resource loads (for provenance; nothing is loaded)."""
         return {"segmenter": self.model_profile.segmenter}
 
-    def load(self):
-        """The segmenter, built on first use and shared by the whole process."""
+    def build(self):
+        """The segmenter."""
         from fc_pipeline.data.segmentation import Segmenter
 
-        return _load_once(
-            Segmenter,
+        return Segmenter(
             self.model_profile,
-            device=resolve_device(self.device),
+            device=self.torch_device,
+            dtype=self.torch_dtype_name,
             threshold=self.threshold,
             mask_threshold=self.mask_threshold,
             overlap_mask_area_threshold=self.overlap_mask_area_threshold,
         )
 
 
-class MatcherResource(dg.ConfigurableResource):
+class MatcherResource(ModelResource):
     """OpenCLIP × SBERT phrase–segment scorer of a model profile."""
 
-    profile: str = "tiny"
     clip_model: str = ""
     clip_pretrained: str = ""
     sbert: str = ""
-    device: str = "auto"
 
     @property
     def model_profile(self) -> ModelProfile:
@@ -169,11 +187,11 @@ class MatcherResource(dg.ConfigurableResource):
         profile = self.model_profile
         return {"matcher_clip": f"{profile.matcher_clip}/{profile.matcher_clip_pretrained}", "sbert": profile.sbert}
 
-    def load(self):
-        """The subject matcher, built on first use and shared by the whole process."""
+    def build(self):
+        """The subject matcher."""
         from fc_pipeline.data.matching import SubjectMatcher
 
-        return _load_once(SubjectMatcher, self.model_profile, device=resolve_device(self.device))
+        return SubjectMatcher(self.model_profile, device=self.torch_device, dtype=self.torch_dtype_name)
 
 
 class EvaluatorResource(dg.ConfigurableResource):
@@ -185,19 +203,17 @@ class EvaluatorResource(dg.ConfigurableResource):
     device: str = "auto"
 
     def face_scorer(self):
-        """MTCNN + FaceNet, built on first use and shared by the whole process."""
+        """MTCNN + FaceNet (the step that asks holds it; it is freed with the step)."""
         from fc_pipeline.evaluation.faces import FaceScorer
 
-        return _load_once(
-            FaceScorer, get_profile(self.profile, facenet=self.facenet or None), device=resolve_device(self.device)
-        )
+        return FaceScorer(get_profile(self.profile, facenet=self.facenet or None), device=resolve_device(self.device))
 
     def prompt_scorer(self):
-        """The CLIP image–text scorer, built on first use and shared by the whole process."""
+        """The CLIP image–text scorer (the step that asks holds it; it is freed with the step)."""
         from fc_pipeline.evaluation.prompt_consistency import PromptConsistency
 
         profile = get_profile(self.profile, prompt_clip=self.prompt_clip or None)
-        return _load_once(PromptConsistency, profile, device=resolve_device(self.device))
+        return PromptConsistency(profile, device=resolve_device(self.device))
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
