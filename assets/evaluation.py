@@ -14,7 +14,7 @@ from pydantic import Field
 
 from assets.deployment import GPU_OP_TAGS
 from assets.resources import GPU_POOL, DatasetStore, EvaluatorResource
-from assets.settings import config_class, to_settings
+from assets.settings import STEP_CONFIGS, check_run_config, config_class, to_settings
 from fc_pipeline.evaluation.report import SUMMARY_COLUMNS, markdown_table
 from fc_pipeline.evaluation.runner import EvaluationConfig, run_evaluation
 from fc_pipeline.evaluation.subjects import write_demo_subjects
@@ -75,6 +75,7 @@ def evaluation_report(
     context: dg.AssetExecutionContext, config: EvaluationReportConfig, store: DatasetStore, evaluator: EvaluatorResource
 ) -> dg.MaterializeResult:
     """Identity preservation and prompt consistency of the checkpoint, with α sweep and report."""
+    check_run_config(context)
     checkpoint = checkpoint_path(context, config.checkpoint)
     # a checkpoint is <run>/checkpoint-N: both names, so runs never overwrite each other's report
     out_dir = store.root / "evaluation" / checkpoint.parent.name / checkpoint.name
@@ -118,6 +119,9 @@ def evaluation_report(
             **headline,
         }
     )
+
+
+STEP_CONFIGS[evaluation_report.op.name] = EvaluationReportConfig
 
 
 class IdentityFloorConfig(dg.Config):

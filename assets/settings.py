@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from fc_pipeline.settings import SettingError, check_value, default_of, describe
 
@@ -95,3 +95,23 @@ def to_settings(settings: type, config: dg.Config, rename: Mapping[str, str] | N
         return settings(**{**options, **extra})
     except ValueError as error:
         raise dg.Failure(f"invalid config: {error}") from None
+
+
+# op name -> its config class, for every step of the code location with config (filled by the asset modules)
+STEP_CONFIGS: dict[str, type[dg.Config]] = {}
+
+
+def check_run_config(context: dg.AssetExecutionContext) -> None:
+    """Build the config of every step of this run, so a value the library rejects fails the run's
+    first step, before any work is done (Dagster checks only the types when a run is launched)."""
+    for name, entry in (context.run_config.get("ops") or {}).items():
+        config_type = STEP_CONFIGS.get(name)
+        if config_type is None or not isinstance(entry, dict):
+            continue
+        try:
+            config_type(**(entry.get("config") or {}))
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(map(str, problem["loc"]))
+            message = problem["msg"].removeprefix("Value error, ")
+            raise dg.Failure(f"invalid config of step {name}: {where + ' ' if where else ''}{message}") from None

@@ -37,7 +37,7 @@ from .deployment import TRAINING_OP_TAGS, training_workers
 from .metadata import save_preview
 from .partitions import corpus_partitions, latest_materialization
 from .resources import GPU_POOL, DatasetStore
-from .settings import config_class
+from .settings import STEP_CONFIGS, check_run_config, config_class
 
 DATA_VERSION_TAG = "dagster/data_version"
 OOM_RETRIES = 2
@@ -190,6 +190,7 @@ def fastcomposer_checkpoint(
     shards of every corpus; a diffusers checkpoint directory (``FastComposerPipeline.from_pretrained``)."""
     import torch
 
+    check_run_config(context)
     if config.shards:
         datasets = {f"shards[{i}]": Path(url) for i, url in enumerate(config.shards)}
         versions = {name: shards_version(path) for name, path in datasets.items()}
@@ -249,6 +250,9 @@ def fastcomposer_checkpoint(
         check_results=reported.check_results,
         tags=reported.tags,
     )
+
+
+STEP_CONFIGS[fastcomposer_checkpoint.op.name] = TrainingConfig
 
 
 def _sample_count(shards_dir: Path) -> int:

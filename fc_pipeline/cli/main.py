@@ -310,27 +310,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="report directory")
     p.add_argument("--multi", action="store_true", help="two-subject prompts over all pairs of subjects")
-    p.add_argument(
-        "--prompt-set",
-        action="append",
-        metavar="NAME|FILE",
-        help="single, multi or a JSON prompt set; repeatable (overrides --multi)",
-    )
-    p.add_argument("--alpha", type=float, nargs="+", default=[0.7], help="delayed-conditioning ratios (default 0.7)")
     p.add_argument("--alpha-sweep", action="store_true", help="the paper's sweep: α = 0, 0.2, ..., 1")
-    p.add_argument("--no-baseline", action="store_true", help="skip the text-only SD row (α = 0)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--max-subject-groups", type=int, help="use only the first N subjects / pairs")
-    p.add_argument("--class-word", default="person", help="class word of subjects not in subjects.json")
-    p.add_argument("--matching", choices=["greedy", "hungarian"], default="greedy")
+    p.add_argument("--resolution", type=int, metavar="N", help="image size in pixels: --height and --width")
+    p.defer(_add_evaluation_settings)
     p.add_argument("--profile", default="tiny", help="model profile of the scorers (tiny or paper)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(func=_run_evaluate)
+    p.set_defaults(func=_run_evaluate, parser=p)
+
+
+def _add_evaluation_settings(p: argparse.ArgumentParser) -> None:
+    from fc_pipeline.evaluation import EvaluationConfig
+
+    aliases = {"prompt_sets": "--prompt-set", "alphas": "--alpha", "num_inference_steps": "--steps"}
+    p.set_defaults(flags=add_arguments(p, EvaluationConfig, aliases=aliases))
+    p.add_argument("--no-baseline", dest="text_only_baseline", action="store_false", help="--no-text-only-baseline")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -341,21 +334,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     labels = [Path(c).name for c in args.checkpoint]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"evaluate: checkpoints need distinct directory names to be told apart, got {labels}")
-    config = EvaluationConfig(
-        prompt_sets=tuple(args.prompt_set or (["multi"] if args.multi else ["single"])),
-        images_per_prompt=args.images_per_prompt,
-        alphas=PAPER_ALPHA_SWEEP if args.alpha_sweep else tuple(args.alpha),
-        text_only_baseline=not args.no_baseline,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.resolution,
-        width=args.resolution,
-        seed=args.seed,
-        max_prompts=args.max_prompts,
-        max_subject_groups=args.max_subject_groups,
-        class_word=args.class_word,
-        matching=args.matching,
-    )
+    options = given(args, EvaluationConfig, args.flags)
+    if args.multi:
+        options.setdefault("prompt_sets", ("multi",))
+    if args.alpha_sweep:
+        options["alphas"] = PAPER_ALPHA_SWEEP
+    if args.resolution:
+        options = {"height": args.resolution, "width": args.resolution, **options}
+    config = EvaluationConfig(**options)
     subjects = args.subjects or write_demo_subjects(Path(args.out) / "demo_subjects")
     try:
         result = run_evaluation(
