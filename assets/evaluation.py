@@ -106,7 +106,9 @@ def evaluation_report(
     }
     return dg.MaterializeResult(
         metadata={
-            "summary": dg.MetadataValue.md(markdown_table(result["summary"], SUMMARY_COLUMNS)),
+            # a random scorer's columns are marked "random scorer — not meaningful" (tiny profile)
+            "summary": dg.MetadataValue.md(markdown_table(result["summary"], SUMMARY_COLUMNS, result["notes"])),
+            "scorers": dg.MetadataValue.json(result["scorers"]),
             "alpha_tradeoff": dg.MetadataValue.md(
                 f"![alpha sweep](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"
             ),

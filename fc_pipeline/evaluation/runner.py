@@ -1,9 +1,12 @@
 """Benchmark runner (paper §5): generate every case at every α, score it, write the report.
 
 ``run_evaluation(checkpoint, subjects_dir, out_dir)`` is the one call the CLI and the Dagster
-asset make. α = 0 is the text-only Stable Diffusion baseline (no subject images: exactly SD),
-generated in the same run with the same seeds, so every α row differs only in conditioning.
-Several checkpoints (a mapping label → directory) are evaluated on identical cases and compared.
+asset make. α = 0 is the checkpoint's own text-only row (no subject images: exactly SD with the
+checkpoint's components), generated in the same run with the same seeds, so every α row differs
+only in conditioning. Several checkpoints (a mapping label → directory) are evaluated on identical
+cases and compared. Besides checkpoint directories, any pipeline object that takes the protocol's
+call (see :mod:`fc_pipeline.evaluation.baselines`) is scored by the same prompts, seeds and
+metrics; ``baseline_checkpoint`` adds a plain Stable Diffusion row.
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from fc_pipeline.evaluation.baselines import PlainStableDiffusion
 from fc_pipeline.evaluation.faces import MATCHERS, DetectedFaces, FaceScorer, default_face_scorer
 from fc_pipeline.evaluation.prompt_consistency import PromptConsistency, default_prompt_scorer, strip_markers
 from fc_pipeline.evaluation.prompts import BenchmarkCase, benchmark_cases, load_prompt_set
 from fc_pipeline.evaluation.report import plot_alpha_sweep, plot_attention, plot_grid, summarise, write_report
 from fc_pipeline.evaluation.subjects import DEFAULT_CLASS_WORD, load_subjects
+from fc_pipeline.profiles import ModelProfile
 from fc_pipeline.settings import SettingError, setting, validate
 from fc_pipeline.storage import atomic_write, write_json, write_parquet
 
 PAPER_ALPHA_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+TEXT_ONLY_METHOD = "this checkpoint, text only"
+BASELINE_LABEL = "plain-sd"
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class EvaluationConfig:
     )
     grid_samples: int = setting(4, "Cases shown in the report's image grids.", min=0)
     attention_samples: int = setting(2, "Multi-subject cases whose attention maps the report shows.", min=0)
+    baseline_checkpoint: str | None = setting(None, "A diffusers directory: adds a plain Stable Diffusion row (α = 0).")
 
     def __post_init__(self):
         validate(self)
@@ -108,24 +116,42 @@ def evaluate_pipeline(
     prompt_scorer: PromptConsistency | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[_Generation]]:
-    """Generate and score every case at every α with one pipeline; returns per-image rows and samples."""
+    """Generate and score every case at every α with one pipeline; returns per-image rows and samples.
+
+    ``pipe`` is a :class:`~fc_pipeline.pipeline.FastComposerPipeline` or any object taking the
+    protocol's call (see :mod:`fc_pipeline.evaluation.baselines`); one with ``text_only = True`` is
+    generated at α = 0 only.
+    """
     faces = faces or default_face_scorer()
     prompt_scorer = prompt_scorer or default_prompt_scorer()
     out = Path(out_dir)
-    device = torch.device(pipe.device)
+    device = torch.device(getattr(pipe, "device", "cpu"))
+    method = _method_name(pipe)
+    text_only_pipe = bool(getattr(pipe, "text_only", False))
+    alphas = [0.0] if text_only_pipe else config.alpha_values
     reference_faces: dict[str, DetectedFaces] = {}
     rows: list[dict[str, Any]] = []
     samples: list[_Generation] = []
     attention_budget = config.attention_samples
     # One untimed step first, so one-time setup (kernels, allocator) is not billed to the first case.
-    pipe(prompt="a photo", num_inference_steps=1, height=config.height, width=config.width)
+    pipe(
+        prompt="a photo",
+        subject_images=[],
+        alpha=0.0,
+        num_images_per_prompt=1,
+        generator=[torch.Generator("cpu").manual_seed(config.seed)],
+        num_inference_steps=1,
+        guidance_scale=config.guidance_scale,
+        height=config.height,
+        width=config.width,
+    )
     for number, case in enumerate(cases, 1):
         references = [s.reference_image() for s in case.subjects]
         for subject, image in zip(case.subjects, references):
             if subject.name not in reference_faces:
                 reference_faces[subject.name] = faces.faces(image)
         ref_faces = [reference_faces[s.name] for s in case.subjects]
-        for alpha in config.alpha_values:
+        for alpha in alphas:
             text_only = alpha == 0.0
             want_attention = (
                 not text_only and len(case.subjects) > 1 and attention_budget > 0 and alpha == config.main_alpha
@@ -136,7 +162,7 @@ def evaluate_pipeline(
             start = time.perf_counter()
             output = pipe(
                 prompt=strip_markers(case.prompt) if text_only else case.prompt,
-                subject_images=None if text_only else references,
+                subject_images=[] if text_only else references,
                 alpha=alpha,
                 num_inference_steps=config.num_inference_steps,
                 guidance_scale=config.guidance_scale,
@@ -164,7 +190,7 @@ def evaluate_pipeline(
                 row = {
                     "checkpoint": label,
                     "setting": "multi" if len(case.subjects) > 1 else "single",
-                    "method": "text-only SD" if text_only else "FastComposer",
+                    "method": TEXT_ONLY_METHOD if text_only and not text_only_pipe else method,
                     "alpha": alpha,
                     "case_id": case.case_id,
                     "category": case.category,
@@ -183,7 +209,9 @@ def evaluate_pipeline(
                     memory_kind=memory_kind,
                 )
                 rows.append(row)
-            samples.append(_Generation(case, alpha, list(output.images), paths, output.attention_maps))
+            samples.append(
+                _Generation(case, alpha, list(output.images), paths, getattr(output, "attention_maps", None))
+            )
         if progress:
             progress(f"[{label}] case {number}/{len(cases)} {case.case_id}")
     return rows, samples
@@ -192,27 +220,49 @@ def evaluate_pipeline(
 def _identity_columns(
     faces: FaceScorer, references: list[DetectedFaces], generated: DetectedFaces, matching: str
 ) -> dict[str, Any]:
+    if len(references) == 1:
+        # the official single-subject protocol: the generated image's largest face, not the best match
+        identity = faces.identity_score(references[0], generated)
+        return {
+            "identity": identity,
+            "identity_hungarian": identity,
+            "subject_identity": [identity],
+            "other_similarity": None,
+            "margin": None,
+        }
     result = faces.multi_identity(references, generated, matching)
-    multi = len(references) > 1
-    hungarian = faces.multi_identity(references, generated, "hungarian").score if multi else result.score
     return {
-        "identity": result.score,  # single subject: the largest-face cosine (one reference)
-        "identity_hungarian": hungarian,
+        "identity": result.score,
+        "identity_hungarian": faces.multi_identity(references, generated, "hungarian").score,
         "subject_identity": [float(s) for s in result.scores],
-        "other_similarity": max((o for o in result.other_similarity if o is not None), default=None) if multi else None,
-        "margin": result.mean_margin if multi else None,
+        "other_similarity": max((o for o in result.other_similarity if o is not None), default=None),
+        "margin": result.mean_margin,
     }
 
 
-def _load_pipeline(checkpoint, device: str | None, torch_dtype):
+def _method_name(pipe) -> str:
     from fc_pipeline.pipeline import FastComposerPipeline
 
-    if isinstance(checkpoint, FastComposerPipeline):
-        return checkpoint
-    path = Path(checkpoint)
-    if not (path / "model_index.json").is_file():
-        raise ValueError(f"{path} is not a FastComposer checkpoint (no model_index.json)")
-    pipe = FastComposerPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+    if isinstance(pipe, FastComposerPipeline):
+        return "FastComposer"
+    return getattr(pipe, "method_name", type(pipe).__name__)
+
+
+def _load_pipeline(source, device: str | None, torch_dtype, baseline: bool = False):
+    """A pipeline object as given, or one loaded from a checkpoint directory (``baseline``: plain SD)."""
+    if not isinstance(source, (str, Path)):
+        if not callable(source):
+            raise ValueError(f"cannot evaluate a {type(source).__name__}: give a checkpoint directory or a pipeline")
+        return source
+    path = Path(source)
+    if baseline:
+        pipe = PlainStableDiffusion.from_pretrained(path, torch_dtype=torch_dtype)
+    else:
+        from fc_pipeline.pipeline import FastComposerPipeline
+
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{path} is not a FastComposer checkpoint (no model_index.json)")
+        pipe = FastComposerPipeline.from_pretrained(path, torch_dtype=torch_dtype)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -226,7 +276,7 @@ def run_evaluation(
     out_dir: str | Path,
     config: EvaluationConfig | None = None,
     *,
-    profile: str = "tiny",
+    profile: ModelProfile | str = "paper",
     device: str | None = None,
     torch_dtype: torch.dtype | None = None,
     faces: FaceScorer | None = None,
@@ -234,11 +284,14 @@ def run_evaluation(
     progress: Callable[[str], None] | None = None,
     **config_overrides: Any,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint (a directory or a loaded pipeline), or several as ``{label: checkpoint}``.
+    """Evaluate one checkpoint (a directory or a pipeline object), or several as ``{label: checkpoint}``.
 
+    ``profile`` picks the scorers not passed in: ``paper`` (CLIP ViT-L/14 and vggface2 FaceNet, from
+    local files; a clear error says how to get them) or ``tiny`` (the real offline FaceNet and a
+    random CLIP, whose prompt consistency every output marks "random scorer — not meaningful").
     Writes ``scores.parquet`` (per image), ``summary.json``, ``alpha_sweep.png``, grids, attention
     maps, ``report.md`` and a self-contained ``report.html`` under ``out_dir``; returns the summary
-    rows, the headline numbers at the main α and the paths.
+    rows, the headline numbers at the main α, the scorers, the notes on their columns and the paths.
     """
     config = dataclasses.replace(config or EvaluationConfig(), **config_overrides)
     out = Path(out_dir)
@@ -253,12 +306,19 @@ def run_evaluation(
     faces = faces or default_face_scorer(profile, score_device)
     prompt_scorer = prompt_scorer or default_prompt_scorer(profile, score_device)
     checkpoints = dict(checkpoint) if isinstance(checkpoint, Mapping) else {_label(checkpoint, 0): checkpoint}
+    sources = [(label, source, False) for label, source in checkpoints.items()]
+    if config.baseline_checkpoint:
+        if BASELINE_LABEL in checkpoints:
+            raise ValueError(f"the label {BASELINE_LABEL!r} is taken by the baseline checkpoint; rename the other one")
+        sources.append((BASELINE_LABEL, config.baseline_checkpoint, True))
+    notes = {"prompt_consistency": prompt_scorer.note} if prompt_scorer.note else {}
 
     started = time.perf_counter()
     rows, figures = [], {"Identity vs prompt consistency": [], "Reference | generated": [], "Attention maps": []}
-    for label, source in checkpoints.items():
-        pipe = _load_pipeline(source, device, torch_dtype)
-        pipe.set_progress_bar_config(disable=True)
+    for label, source, baseline in sources:
+        pipe = _load_pipeline(source, device, torch_dtype, baseline)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
         label_rows, samples = evaluate_pipeline(pipe, cases, config, out, label, faces, prompt_scorer, progress)
         rows += label_rows
         figures["Reference | generated"].append(_grid_figure(samples, config, out / "grids" / f"{label}.png"))
@@ -270,23 +330,26 @@ def run_evaluation(
     summary = summarise(rows)
     figures["Identity vs prompt consistency"].append(plot_alpha_sweep(summary, out / "alpha_sweep.png"))
     scores_path = write_parquet(pa.Table.from_pylist(rows), out / "scores.parquet")
+    scorers = {
+        "identity": f"MTCNN + FaceNet {faces.embedder.name}",
+        "prompt_consistency": prompt_scorer.description,
+    }
     settings = {
-        "checkpoints": ", ".join(
-            f"{k}={v if isinstance(v, (str, Path)) else type(v).__name__}" for k, v in checkpoints.items()
-        ),
+        "checkpoints": ", ".join(f"{k}={v if isinstance(v, (str, Path)) else type(v).__name__}" for k, v, _ in sources),
         "subjects": f"{len(subjects)} from {subjects_dir}",
         "cases": len(cases),
-        "profile": profile,
+        **{f"{metric} scorer": text for metric, text in scorers.items()},
         **dataclasses.asdict(config),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    report = write_report(out, summary, figures, settings)
+    report = write_report(out, summary, figures, settings, notes)
     first = next(iter(checkpoints))
     headline = {
         r["setting"]: {
             "identity_pct": r["identity_pct"],
             "prompt_consistency": r["prompt_consistency"],
             "margin": r["margin"],
+            **{f"{metric}_note": note for metric, note in notes.items()},
         }
         for r in summary
         if r["checkpoint"] == first and r["alpha"] == config.main_alpha
@@ -295,6 +358,8 @@ def run_evaluation(
         "summary": summary,
         "headline": headline,  # first checkpoint at the main α, per setting
         "main_alpha": config.main_alpha,
+        "scorers": scorers,
+        "notes": notes,  # metric -> why its numbers are not meaningful (the tiny profile's random CLIP)
         "images": len(rows),
         "paths": {
             "scores": str(scores_path),
@@ -318,7 +383,7 @@ def _grid_figure(samples: Sequence[_Generation], config: EvaluationConfig, path:
                 "generated": [],
             },
         )
-        entry["generated"].append((f"α={sample.alpha:g}" + (" (SD)" if sample.alpha == 0 else ""), sample.images[0]))
+        entry["generated"].append(("text only" if sample.alpha == 0 else f"α={sample.alpha:g}", sample.images[0]))
     return plot_grid(list(by_case.values())[: config.grid_samples], path)
 
 
