@@ -310,29 +310,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="report directory")
     p.add_argument("--multi", action="store_true", help="two-subject prompts over all pairs of subjects")
-    p.add_argument(
-        "--prompt-set",
-        action="append",
-        metavar="NAME|FILE",
-        help="single, multi or a JSON prompt set; repeatable (overrides --multi)",
-    )
-    p.add_argument("--alpha", type=float, nargs="+", default=[0.7], help="delayed-conditioning ratios (default 0.7)")
     p.add_argument("--alpha-sweep", action="store_true", help="the paper's sweep: α = 0, 0.2, ..., 1")
-    p.add_argument("--no-baseline", action="store_true", help="skip the checkpoint's text-only row (α = 0)")
-    p.add_argument(
-        "--baseline-checkpoint",
-        metavar="DIR",
-        help="a diffusers Stable Diffusion (or FastComposer) directory: adds a plain SD row from its SD components",
-    )
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--max-subject-groups", type=int, help="use only the first N subjects / pairs")
-    p.add_argument("--class-word", default="person", help="class word of subjects not in subjects.json")
-    p.add_argument("--matching", choices=["greedy", "hungarian"], default="greedy")
+    p.add_argument("--resolution", type=int, metavar="N", help="image size in pixels: --height and --width")
+    p.defer(_add_evaluation_settings)
     p.add_argument(
         "--profile",
         default="paper",
@@ -347,7 +327,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="vggface2, casia-webface-opencv or a weights file (default: the profile's)",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(func=_run_evaluate)
+    p.set_defaults(func=_run_evaluate, parser=p)
+
+
+def _add_evaluation_settings(p: argparse.ArgumentParser) -> None:
+    from fc_pipeline.evaluation import EvaluationConfig
+
+    aliases = {"prompt_sets": "--prompt-set", "alphas": "--alpha", "num_inference_steps": "--steps"}
+    p.set_defaults(flags=add_arguments(p, EvaluationConfig, aliases=aliases))
+    p.add_argument("--no-baseline", dest="text_only_baseline", action="store_false", help="--no-text-only-baseline")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -359,22 +347,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     labels = [Path(c).name for c in args.checkpoint]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"evaluate: checkpoints need distinct directory names to be told apart, got {labels}")
-    config = EvaluationConfig(
-        prompt_sets=tuple(args.prompt_set or (["multi"] if args.multi else ["single"])),
-        images_per_prompt=args.images_per_prompt,
-        alphas=PAPER_ALPHA_SWEEP if args.alpha_sweep else tuple(args.alpha),
-        text_only_baseline=not args.no_baseline,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.resolution,
-        width=args.resolution,
-        seed=args.seed,
-        max_prompts=args.max_prompts,
-        max_subject_groups=args.max_subject_groups,
-        class_word=args.class_word,
-        matching=args.matching,
-        baseline_checkpoint=args.baseline_checkpoint,
-    )
+    options = given(args, EvaluationConfig, args.flags)
+    if args.multi:
+        options.setdefault("prompt_sets", ("multi",))
+    if args.alpha_sweep:
+        options["alphas"] = PAPER_ALPHA_SWEEP
+    if args.resolution:
+        options = {"height": args.resolution, "width": args.resolution, **options}
+    config = EvaluationConfig(**options)
     subjects = args.subjects or write_demo_subjects(Path(args.out) / "demo_subjects")
     try:
         result = run_evaluation(
@@ -399,21 +379,96 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- models ---
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="the paper profile's pretrained models: download a store, check it, plan GPU memory",
+        description="download --to DIR: fetch every paper model into a model store (needs the hub). "
+        "check: list each model (present/missing, files, size, parameters, memory); exits 1 when one is missing. "
+        "plan: the GPU memory each step needs; exits 1 when a step cannot fit the visible GPU.",
+    )
+    p.add_argument("action", choices=("download", "check", "plan"))
+    p.add_argument("--profile", default="paper", help="model profile (paper) [%(default)s]")
+    p.add_argument("--to", metavar="DIR", help="download: the model store to fill")
+    p.add_argument(
+        "--models", metavar="DIR", default=argparse.SUPPRESS, help="model store (default: $FC_PIPELINE_MODELS)"
+    )
+    p.add_argument("--device", default="cuda", help="plan: the device to fit [%(default)s]")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="plan: inference weights' dtype")
+    p.add_argument("--batch", type=int, metavar="N", help="plan: batch of every step (default: each step's own)")
+    p.add_argument("--resolution", type=int, metavar="PX", help="plan: image size (default: the profile's)")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from fc_pipeline import pretrained
+
+    models_dir = getattr(args, "models", None)
+    if args.action == "download":
+        if not (args.to or models_dir):
+            raise SystemExit("models download: give --to DIR")
+        pretrained.download(args.profile, args.to or models_dir, log=lambda m: print(m, file=sys.stderr))
+        args.action, models_dir = "check", args.to or models_dir
+    if args.action == "check":
+        rows = pretrained.check(args.profile, models_dir)
+        print(pretrained.format_check(rows))
+        missing = [row["model"] for row in rows if not row["present"]]
+        if missing:
+            print(f"missing: {', '.join(missing)} (fc-pipeline models download --to DIR)", file=sys.stderr)
+        return 1 if missing else 0
+    return _plan(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from fc_pipeline.pretrained import GIB, STEP_MODELS, MemoryPlanError, ensure_fits, plan_step
+
+    on_gpu = args.device.startswith("cuda") and torch.cuda.is_available()
+    if not on_gpu:
+        print(f"{args.device}: no CUDA device visible; the needs below are not checked", file=sys.stderr)
+    refused = []
+    for step in STEP_MODELS:
+        plan = plan_step(step, args.profile, dtype=args.dtype, batch=args.batch, resolution=args.resolution)
+        verdict = ""
+        if on_gpu:
+            try:
+                free, _ = ensure_fits(plan, args.device)
+                verdict = f"  fits ({free / GIB:.1f} GiB free)"
+            except MemoryPlanError:
+                refused.append(step)
+                verdict = "  DOES NOT FIT"
+        print(plan.describe() + verdict)
+    if refused:
+        free, total = torch.cuda.mem_get_info(torch.device(args.device))
+        print(f"{args.device}: {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB; too small for {', '.join(refused)}")
+    return 1 if refused else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fc-pipeline`` (all sub-commands)."""
     parser = argparse.ArgumentParser(
         prog="fc-pipeline",
         description="FastComposer: tuning-free multi-subject personalised text-to-image generation.",
     )
+    parser.add_argument(
+        "--models", metavar="DIR", help="model store of the paper profile (sets $FC_PIPELINE_MODELS; nothing downloads)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in (_add_demo, _add_instance, _add_corpus, _add_build_dataset, _add_train, _add_generate, _add_evaluate):
         add(sub)
+    _add_models(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fc-pipeline`` console script."""
     args = build_parser().parse_args(argv)
+    if args.models:  # every paper model of this process and its subprocesses loads from the store
+        from fc_pipeline.pretrained import MODELS_ENV
+
+        os.environ[MODELS_ENV] = args.models
     try:
         return int(args.func(args) or 0)
     except SettingError as error:  # a value out of range: exit 2 naming the flag, before any work
