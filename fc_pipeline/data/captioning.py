@@ -17,10 +17,6 @@ from fc_pipeline.profiles import ModelProfile, clip_tokenizer, get_profile
 
 logger = logging.getLogger(__name__)
 
-# OpenAI CLIP normalisation, which BLIP-2's vision tower (EVA-CLIP) also uses.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 CAPTIONS_SCHEMA = pa.schema(
     [("id", pa.string()), ("caption", pa.string()), ("caption_source", pa.string()), ("error", pa.string())]
 )
@@ -75,11 +71,14 @@ class Captioner:
 def _tiny_blip2(profile: ModelProfile):
     """A random BLIP-2 with OPT from ``TINY_CONFIGS["captioner"]`` that runs fully offline."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # BLIP-2's EVA-CLIP uses them too
 
     config = profile.tiny_configs["captioner"]
     size = config["image_size"]
     tokenizer = clip_tokenizer(profile)
-    image_processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    image_processor = BlipImageProcessor(
+        size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+    )
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=config["num_query_tokens"])
     image_token = tokenizer.convert_tokens_to_ids(processor.image_token.content)
     text_config = dict(

@@ -53,6 +53,7 @@ class PromptConsistency:
 
     def __init__(self, profile: ModelProfile | str = "paper", device: str | torch.device = "cpu"):
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         self.profile = get_profile(profile)
         self.device = torch.device(device)
@@ -64,8 +65,8 @@ class PromptConsistency:
             self.image_processor = CLIPImageProcessor(
                 size={"shortest_edge": 224},
                 crop_size={"height": 224, "width": 224},
-                image_mean=[0.48145466, 0.4578275, 0.40821073],
-                image_std=[0.26862954, 0.26130258, 0.27577711],
+                image_mean=OPENAI_CLIP_MEAN,
+                image_std=OPENAI_CLIP_STD,
             )
         else:
             source = self.profile.prompt_clip
