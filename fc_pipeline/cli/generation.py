@@ -22,10 +22,10 @@ from matplotlib import colormaps
 
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.model.components import COMPONENT_NAMES
+from fc_pipeline.settings import torch_dtype
 from fc_pipeline.storage import atomic_write
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class JobError(ValueError):
@@ -126,9 +126,11 @@ def load_pipeline(checkpoint: str | Path, device: str = "cpu", dtype: str = "flo
     missing = [name for name in ("model_index.json", *COMPONENT_NAMES) if not (checkpoint / name).exists()]
     if missing:
         raise JobError(f"{checkpoint} is not a FastComposer checkpoint (missing {', '.join(missing)})")
-    if dtype not in DTYPES:
-        raise JobError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    pipeline = FastComposerPipeline.from_pretrained(checkpoint, dtype=DTYPES[dtype])
+    try:
+        weights_dtype = torch_dtype(dtype)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    pipeline = FastComposerPipeline.from_pretrained(checkpoint, dtype=weights_dtype)
     return pipeline.to(device)
 
 

@@ -44,17 +44,3 @@ def from_pretrained(load: Callable[..., M], model_id: str, profile_field: str, *
             f"reachable and pass its local directory: get_profile('paper', {profile_field}='/path/to/model'), "
             f"or use the offline profile 'tiny'."
         ) from exc
-
-
-def torch_dtype(dtype):
-    """A ``torch.dtype`` from a dtype, its name (``"float16"``) or ``None`` (float32)."""
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown torch dtype {dtype!r} (use float32, float16 or bfloat16)")
-    return resolved

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fc_pipeline.data import batches, from_pretrained, resolve_model, torch_dtype
+from fc_pipeline.data import batches, from_pretrained, resolve_model
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.pretrained import check_step_memory
 from fc_pipeline.profiles import ModelProfile, clip_tokenizer, get_profile
+from fc_pipeline.settings import torch_dtype
 
 logger = logging.getLogger(__name__)
 

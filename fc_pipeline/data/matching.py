@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fc_pipeline.data import from_pretrained, resolve_model, torch_dtype
+from fc_pipeline.data import from_pretrained, resolve_model
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.pretrained import check_step_memory
 from fc_pipeline.profiles import ModelProfile, get_profile, sbert_path
+from fc_pipeline.settings import torch_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fc_pipeline.data import batches, from_pretrained, resolve_model, torch_dtype
+from fc_pipeline.data import batches, from_pretrained, resolve_model
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.pretrained import check_step_memory
 from fc_pipeline.profiles import ModelProfile, get_profile
+from fc_pipeline.settings import torch_dtype
 from fc_pipeline.storage import atomic_write
 
 logger = logging.getLogger(__name__)
