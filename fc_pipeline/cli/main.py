@@ -258,8 +258,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from fc_pipeline.cli.generation import JobError, load_pipeline, load_subject_images, make_job, read_jobs, run_job
 
     settings = dict(
@@ -280,7 +278,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             jobs = read_jobs(args.jobs, settings)
         else:
             jobs = [make_job({"prompt": args.prompt, "subjects": args.subject, "out": args.out, **settings})]
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         pipeline = load_pipeline(args.checkpoint, device=device, dtype=args.dtype)
         subject_images = [load_subject_images(job, pipeline) for job in jobs]
     except JobError as exc:

@@ -31,7 +31,7 @@ from fc_pipeline.evaluation.prompts import BenchmarkCase, benchmark_cases, load_
 from fc_pipeline.evaluation.report import plot_alpha_sweep, plot_attention, plot_grid, summarise, write_report
 from fc_pipeline.evaluation.subjects import DEFAULT_CLASS_WORD, load_subjects
 from fc_pipeline.profiles import ModelProfile
-from fc_pipeline.settings import SettingError, setting, validate
+from fc_pipeline.settings import SettingError, resolve_device, setting, validate
 from fc_pipeline.storage import atomic_write, write_json, write_parquet
 
 PAPER_ALPHA_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -263,7 +263,7 @@ def _load_pipeline(source, device: str | None, torch_dtype, baseline: bool = Fal
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a FastComposer checkpoint (no model_index.json)")
         pipe = FastComposerPipeline.from_pretrained(path, torch_dtype=torch_dtype)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pipe.to(resolve_device(device))
 
 
 def _label(checkpoint, index: int) -> str:
@@ -302,7 +302,7 @@ def run_evaluation(
         for name in config.prompt_sets
         for case in benchmark_cases(subjects, load_prompt_set(name), config.max_prompts, config.max_subject_groups)
     ]
-    score_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    score_device = resolve_device(device)
     faces = faces or default_face_scorer(profile, score_device)
     prompt_scorer = prompt_scorer or default_prompt_scorer(profile, score_device)
     checkpoints = dict(checkpoint) if isinstance(checkpoint, Mapping) else {_label(checkpoint, 0): checkpoint}
