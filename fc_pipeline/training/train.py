@@ -353,6 +353,7 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
     from fc_pipeline.model.components import load_components, set_trainable
     from fc_pipeline.model.objective import compute_losses
     from fc_pipeline.model.references import ReferenceAugmentation
+    from fc_pipeline.pretrained import check_step_memory
     from fc_pipeline.profiles import get_profile
     from fc_pipeline.training.samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
 
@@ -372,6 +373,7 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
 
     # data
     profile = get_profile(config.profile)
+    check_step_memory("train", profile, accelerator.device, batch=config.train_batch_size, resolution=config.resolution)
     urls = train_shard_urls(config.shards)
     resume_from = latest_checkpoint(output_dir) if config.resume else None
     step, position = 0, DataPosition()
