@@ -9,33 +9,43 @@ VAE / text encoder / UNet weights, same device and precision:
   (:func:`fc_pipeline.model.objective.compute_losses`, as ``fc_pipeline.training.train`` runs it);
 * plain SD fine-tuning: text embeddings only, epsilon MSE; AdamW over the UNet.
 
-The two steps alternate (after a warm-up each), and the medians are compared.
+Both train the same modules in turn (after a warm-up each), and the medians are compared: one
+AdamW holds the moments (a parameter without a gradient is skipped, so the plain step updates the
+UNet only), and the UNet's attention processors are switched per step (plain SD runs diffusers'
+own). With ``--mixed-precision bf16`` both run under ``torch.autocast`` with fp32 master
+weights, as ``accelerate`` does for the training loop.
 
-Peak memory = resident state (parameter bytes of the modules a step runs + AdamW moments of the
+Peak memory = resident state (parameter bytes of the modules a step runs + AdamW moments of its
 trained parameters) + the transient peak during a step: on CUDA ``max_memory_allocated`` above
-what was allocated when the step began; on CPU the peak of live tensor storage created during the
-step (``PeakTensorMemory`` of ``benchmarks/inference.py``: activations kept for backward,
-gradients, temporaries).
+what was allocated when the step began; on the CPU the peak of live tensor storage created during
+the step (activations kept for backward, gradients, temporaries).
 
     python benchmarks/train_step.py                          # tiny profile, 64 px, batch 4, CPU
-    python benchmarks/train_step.py --profile paper --resolution 512 --batch-size 16 --device cuda
+    python benchmarks/train_step.py --size paper --resolution 256 --batch-size 1 --repeats 3   # SD 1.5 sizes, CPU
+    python benchmarks/train_step.py --size paper --resolution 512 --batch-size 16 --mixed-precision bf16  # a GPU
+    python benchmarks/train_step.py --dry-run
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import contextlib
 
 import numpy as np
 import torch
-from inference import PeakTensorMemory, parameter_bytes, synchronize  # benchmarks/inference.py
+from common import (  # benchmarks/common.py
+    SIZES,
+    alternate,
+    benchmark_components,
+    parameter_bytes,
+    transient_peak_bytes,
+    write_result,
+)
 from PIL import Image
 
 from fc_pipeline.model.attention import install_attention_capture
-from fc_pipeline.model.components import load_components, set_trainable
+from fc_pipeline.model.components import set_trainable
 from fc_pipeline.model.objective import compute_losses
-from fc_pipeline.profiles import get_profile
 from fc_pipeline.training.samples import SamplingConfig, collate_samples, prepare_sample
 
 CAPTION = "a man and a woman in a park"
@@ -45,10 +55,12 @@ SUBJECTS = [
 ]
 
 
-def synthetic_batch(tokenizer, resolution: int, batch_size: int, seed: int = 0) -> dict:
+def synthetic_batch(tokenizer, resolution: int, batch_size: int, latent_scale: int = 8, seed: int = 0) -> dict:
     """A collated training batch of two-subject pictures, through the real sample preparation."""
     rng = np.random.default_rng(seed)
-    config = SamplingConfig(resolution=resolution, unconditional_prob=0, text_only_prob=0, subject_drop_prob=0)
+    config = SamplingConfig(
+        resolution=resolution, latent_scale=latent_scale, unconditional_prob=0, text_only_prob=0, subject_drop_prob=0
+    )
     samples = []
     for number in range(batch_size):
         size = resolution
@@ -67,106 +79,127 @@ def synthetic_batch(tokenizer, resolution: int, batch_size: int, seed: int = 0) 
 
 
 class Step:
-    """One optimiser step of a model set: FastComposer (``fastcomposer=True``) or plain SD."""
+    """One optimiser step of FastComposer (``fastcomposer=True``) or of plain SD fine-tuning over
+    shared ``models``, ``optimizer`` and attention processors (see the module docstring)."""
 
-    def __init__(self, profile, fastcomposer: bool, device: str, localization_weight: float):
-        self.models = load_components(profile)
-        for name in ("vae", "text_encoder", "unet", "image_encoder", "fuser"):
-            self.models[name].to(device)
-        self.fastcomposer, self.localization_weight = fastcomposer, localization_weight
-        if fastcomposer:
-            trainable = set_trainable(self.models)
-            self.capture = install_attention_capture(self.models["unet"], profile.localization_layers)
-            self.modules = [self.models[k] for k in ("vae", "text_encoder", "unet", "image_encoder", "fuser")]
-        else:
-            set_trainable(self.models)  # freezes the rest
-            trainable = list(self.models["unet"].parameters())
-            self.capture = None
-            self.modules = [self.models[k] for k in ("vae", "text_encoder", "unet")]
-        self.trainable = trainable
-        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
-        for module in self.modules:
-            module.train() if any(p.requires_grad for p in module.parameters()) else module.eval()
+    def __init__(self, models: dict, fastcomposer: bool, trainable: list, optimizer, processors: dict, args):
+        self.models, self.fastcomposer, self.trainable = models, fastcomposer, trainable
+        self.optimizer, self.processors, self.args = optimizer, processors, args
+        self.capture = processors.get("capture")
+        names = ("vae", "text_encoder", "unet") + (("image_encoder", "fuser") if fastcomposer else ())
+        self.modules = [models[name] for name in names]
 
     def __call__(self, batch: dict) -> None:
-        losses = compute_losses(
-            self.models,
-            batch,
-            self.capture,
-            localization_weight=self.localization_weight if self.fastcomposer else 0.0,
-            mask_loss_prob=0.5 if self.fastcomposer else 0.0,
-            use_subjects=self.fastcomposer,
+        self.models["unet"].set_attn_processor(dict(self.processors["unet"]))
+        autocast = (
+            torch.autocast(self.args.device.split(":")[0], dtype=torch.bfloat16)
+            if self.args.mixed_precision == "bf16"
+            else contextlib.nullcontext()
         )
+        with autocast:
+            losses = compute_losses(
+                self.models,
+                batch,
+                self.capture,
+                localization_weight=self.args.localization_weight if self.fastcomposer else 0.0,
+                mask_loss_prob=0.5 if self.fastcomposer else 0.0,
+                use_subjects=self.fastcomposer,
+            )
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def resident_bytes(self) -> int:
-        """Parameters of the modules the step runs + the optimiser's moment buffers."""
+        """Parameters of the modules the step runs + the optimiser's moments of what it trains."""
         moments = sum(
             t.numel() * t.element_size()
-            for s in self.optimizer.state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
+            for p in self.trainable
+            for t in self.optimizer.state.get(p, {}).values()
+            if torch.is_tensor(t) and t.dim() > 0
         )
         return parameter_bytes(*self.modules) + moments
 
 
-def seconds(step: Step, batch: dict, device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    step(batch)
-    synchronize(device)
-    return time.perf_counter() - start
+def make_steps(size: str, args) -> tuple[Step, Step]:
+    """The FastComposer step and the plain SD step over one set of components."""
+    profile, models = benchmark_components(size, args.device)
+    plain_processors = models["unet"].attn_processors
+    trainable = set_trainable(models)
+    capture = install_attention_capture(models["unet"], profile.localization_layers)
+    fc_processors = models["unet"].attn_processors
+    if args.gradient_checkpointing:
+        models["unet"].enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
+    for name in ("vae", "text_encoder"):
+        models[name].eval()
+    for name in ("unet", "image_encoder", "fuser"):
+        models[name].train()
+    unet_parameters = list(models["unet"].parameters())
+    fastcomposer = Step(models, True, trainable, optimizer, {"unet": fc_processors, "capture": capture}, args)
+    plain = Step(models, False, unet_parameters, optimizer, {"unet": plain_processors}, args)
+    return fastcomposer, plain
 
 
-def peak_bytes(step: Step, batch: dict, device: str) -> int:
-    """Resident state + transient peak of one step (see the module docstring)."""
-    if device.startswith("cuda"):
-        synchronize(device)
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(batch)
-        synchronize(device)
-        return step.resident_bytes() + torch.cuda.max_memory_allocated() - before
-    with PeakTensorMemory() as memory:
-        step(batch)
-    return step.resident_bytes() + memory.peak
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="tiny", help="model profile [tiny]")
-    parser.add_argument("--resolution", type=int, default=64, help="image size in px [64; paper 512]")
+    parser.add_argument("--size", default="tiny", choices=SIZES, help="model sizes [tiny]; paper = SD 1.5 sizes")
+    parser.add_argument("--resolution", type=int, default=None, help="image size in px [tiny 64, paper 512]")
     parser.add_argument("--batch-size", type=int, default=4, help="batch size [4; paper 16 per GPU]")
     parser.add_argument("--localization-weight", type=float, default=1e-3, help="λ [0.001]")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method [7]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="[no]; the paper: bf16")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads [1: tiny models run fastest on one]")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also merge the figures into this JSON file")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes, 32 px, batch 2, one repeat")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.size, args.resolution, args.batch_size, args.repeats, args.threads = "tiny", 32, 2, 1, 1
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # random paper-size weights make denormals, which crawl on a CPU
     torch.manual_seed(0)
-    profile = get_profile(args.profile)
-    fastcomposer = Step(profile, True, args.device, args.localization_weight)
-    plain = Step(profile, False, args.device, args.localization_weight)
-    batch = synthetic_batch(fastcomposer.models["tokenizer"], args.resolution, args.batch_size)
+    fastcomposer, plain = make_steps(args.size, args)
+    models = fastcomposer.models
+    resolution = args.resolution or (64 if args.size == "tiny" else 512)
+    latent_scale = 2 ** (len(models["vae"].config.block_out_channels) - 1)
+    batch = synthetic_batch(models["tokenizer"], resolution, args.batch_size, latent_scale)
 
-    fastcomposer(batch), plain(batch)  # warm-up (also allocates the AdamW moments)
-    times = {"fc": [], "sd": []}
-    for _ in range(args.repeats):  # alternate, so load changes hit both alike
-        times["fc"].append(seconds(fastcomposer, batch, args.device))
-        times["sd"].append(seconds(plain, batch, args.device))
-    fc_time, sd_time = statistics.median(times["fc"]), statistics.median(times["sd"])
-    fc_memory, sd_memory = peak_bytes(fastcomposer, batch, args.device), peak_bytes(plain, batch, args.device)
-    print(
-        f"train step [{profile.name}, {args.device} ({args.threads} CPU thread(s)), {args.resolution}px, "
-        f"batch {args.batch_size}, 2 subjects/image, "
-        f"λ={args.localization_weight}, median of {args.repeats}]: "
-        f"time {fc_time / sd_time:.3f}x plain SD fine-tuning ({fc_time * 1000:.0f} ms vs {sd_time * 1000:.0f} ms); "
-        f"peak memory {fc_memory / sd_memory:.3f}x ({fc_memory / 2**20:.1f} MiB vs {sd_memory / 2**20:.1f} MiB)"
+    times = alternate({"fc": lambda: fastcomposer(batch), "sd": lambda: plain(batch)}, args.repeats, args.device)
+    memory = {
+        name: step.resident_bytes() + transient_peak_bytes(lambda step=step: step(batch), args.device)
+        for name, step in (("fc", fastcomposer), ("sd", plain))
+    }
+    figures = {
+        "size": args.size,
+        "device": args.device,
+        "mixed_precision": args.mixed_precision,
+        "resolution": resolution,
+        "batch_size": args.batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "fc_s": times["fc"],
+        "sd_s": times["sd"],
+        "time_ratio": times["fc"] / times["sd"],
+        "fc_bytes": memory["fc"],
+        "sd_bytes": memory["sd"],
+        "memory_ratio": memory["fc"] / memory["sd"],
+    }
+    where = f"{args.device} ({args.threads} CPU thread(s))" if args.device == "cpu" else args.device
+    line = (
+        f"train step [{args.size} sizes, {where}, {args.mixed_precision} mixed precision, {resolution}px, "
+        f"batch {args.batch_size}, 2 subjects/image, λ={args.localization_weight}, "
+        f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}median of {args.repeats}]: "
+        f"time {figures['time_ratio']:.3f}x plain SD fine-tuning ({times['fc'] * 1000:.0f} ms vs "
+        f"{times['sd'] * 1000:.0f} ms); peak memory {figures['memory_ratio']:.3f}x "
+        f"({memory['fc'] / 2**20:.1f} MiB vs {memory['sd'] / 2**20:.1f} MiB)"
     )
+    write_result(args.json, f"train_step-{args.size}", line, figures)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from matplotlib import colormaps
 
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.model.components import COMPONENT_NAMES
+from fc_pipeline.schedulers import scheduler_class, with_scheduler
 from fc_pipeline.settings import torch_dtype
 from fc_pipeline.storage import atomic_write
 
@@ -116,8 +117,19 @@ def read_jobs(path: str | Path, defaults: dict[str, Any]) -> list[GenerationJob]
     return jobs
 
 
-def load_pipeline(checkpoint: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """The ``FastComposerPipeline`` of a checkpoint directory, on ``device`` in ``dtype``."""
+def load_pipeline(
+    checkpoint: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    *,
+    offload: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    scheduler: str | None = None,
+):
+    """The ``FastComposerPipeline`` of a checkpoint directory, on ``device`` in ``dtype``, with the
+    speed options of :func:`apply_speed_options` and, if named, another ``scheduler`` (see
+    ``fc_pipeline.schedulers``)."""
     from fc_pipeline.pipeline import FastComposerPipeline
 
     checkpoint = Path(checkpoint)
@@ -130,8 +142,30 @@ def load_pipeline(checkpoint: str | Path, device: str = "cpu", dtype: str = "flo
         weights_dtype = torch_dtype(dtype)
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    pipeline = FastComposerPipeline.from_pretrained(checkpoint, dtype=weights_dtype)
-    return pipeline.to(device)
+    if scheduler is not None:
+        try:
+            scheduler_class(scheduler)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+    pipeline = with_scheduler(FastComposerPipeline.from_pretrained(checkpoint, dtype=weights_dtype), scheduler)
+    return apply_speed_options(pipeline, device, offload=offload, channels_last=channels_last, compile=compile)
+
+
+def apply_speed_options(
+    pipeline, device: str, *, offload: bool = False, channels_last: bool = False, compile: bool = False
+):
+    """diffusers' generation speed options, applied in place: model CPU offload (each model moves
+    to ``device`` only while it runs; otherwise the whole pipeline moves there), the UNet in
+    channels-last memory format, and ``torch.compile`` of the UNet (the first image compiles it)."""
+    if offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    if channels_last:
+        pipeline.unet.to(memory_format=torch.channels_last)
+    if compile:
+        pipeline.unet.compile()
+    return pipeline
 
 
 def load_subject_images(job: GenerationJob, pipeline) -> list[PIL.Image.Image]:
