@@ -18,10 +18,12 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from fc_pipeline.data.settings import DatasetSettings
 from fc_pipeline.profiles import ModelProfile, get_profile
 from fc_pipeline.settings import release_memory, resolve_device, resolve_dtype
 
 from .instance import GPU_POOL  # noqa: F401  (the pool of every step that needs the accelerator)
+from .settings import library_field
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +116,7 @@ class CaptionerResource(ModelResource):
     """BLIP-2 captioner of a model profile (``model`` overrides the profile's checkpoint)."""
 
     model: str = ""
-    max_new_tokens: int = 30
+    max_new_tokens: int = library_field(DatasetSettings, "max_new_tokens")
 
     @property
     def model_profile(self) -> ModelProfile:
@@ -140,9 +142,9 @@ class SegmenterResource(ModelResource):
     """Mask2Former panoptic segmenter of a model profile, with its post-processing thresholds."""
 
     model: str = ""
-    threshold: float = 0.8
-    mask_threshold: float = 0.5
-    overlap_mask_area_threshold: float = 0.8
+    threshold: float = library_field(DatasetSettings, "segment_threshold")
+    mask_threshold: float = library_field(DatasetSettings, "mask_threshold")
+    overlap_mask_area_threshold: float = library_field(DatasetSettings, "overlap_mask_area_threshold")
 
     @property
     def model_profile(self) -> ModelProfile:

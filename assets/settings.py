@@ -115,3 +115,17 @@ def check_run_config(context: dg.AssetExecutionContext) -> None:
             where = ".".join(map(str, problem["loc"]))
             message = problem["msg"].removeprefix("Value error, ")
             raise dg.Failure(f"invalid config of step {name}: {where + ' ' if where else ''}{message}") from None
+
+
+def library_field(settings: type, name: str) -> Any:
+    """A pydantic field (resource or config) with the default, description and bounds of the
+    library's ``settings.name``, for a Dagster class that holds one library setting under its own name."""
+    field = next(f for f in dataclasses.fields(settings) if f.name == name)
+    meta = field.metadata
+    return Field(
+        default=default_of(field),
+        description=describe(field),
+        ge=meta.get("min"),
+        le=meta.get("max"),
+        gt=meta.get("above"),
+    )
