@@ -29,6 +29,7 @@ independent of the order images arrive in until ``val_max`` is reached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -454,14 +455,26 @@ def _split_stats(shards: dict[str, ShardIndex]) -> dict:
     }
 
 
-def _write_shard(shard: Path, records: list[dict]) -> ShardIndex:
-    """Write one tar (temp + rename), then its sidecar; return what it holds."""
+@contextlib.contextmanager
+def _tar_writer(handle) -> Iterator:
+    """A webdataset ``TarWriter`` on ``handle`` (mtime fixed: the same samples give the same bytes),
+    closed at the end. On an error (a full disk) its unwritten buffer is dropped: tarfile would
+    otherwise write it into the closed temp file when collected (``write to closed file``)."""
     import webdataset as wds
 
+    writer = wds.TarWriter(handle, mtime=0.0)
+    try:
+        yield writer
+        writer.close()
+    except BaseException:
+        writer.tarstream.fileobj.closed = True
+        raise
+
+
+def _write_shard(shard: Path, records: list[dict]) -> ShardIndex:
+    """Write one tar (temp + rename), then its sidecar; return what it holds."""
     rows, failures = [], []
-    with atomic_write(shard) as handle:
-        # mtime fixed so that the same samples always give the same bytes
-        writer = wds.TarWriter(handle, mtime=0.0)
+    with atomic_write(shard) as handle, _tar_writer(handle) as writer:
         for record in tqdm(records, desc=shard.name, disable=len(records) < 100):
             try:
                 sample = _encode_sample(record)
@@ -487,7 +500,6 @@ def _write_shard(shard: Path, records: list[dict]) -> ShardIndex:
                     "meta_sha256": record["digest"],
                 }
             )
-        writer.close()
     sidecar = pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA)
     write_parquet(
         sidecar.replace_schema_metadata({FAILURES_KEY: json.dumps(failures).encode()}), shard.with_suffix(".parquet")
