@@ -547,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fc_pipeline.training.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
     args = parser.parse_args(argv)
-    config = TrainConfig.from_json(args.config)
+    try:
+        config = TrainConfig.from_json(args.config)
+    except ValueError as error:  # an unknown or out-of-range option: exit 2 before any work
+        parser.error(f"{args.config}: {error}")
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         if is_main and "DAGSTER_PIPES_CONTEXT" in os.environ:
