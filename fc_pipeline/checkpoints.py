@@ -42,7 +42,7 @@ def convert_to_safetensors(source: str | Path, target: str | Path) -> Path:
     target = Path(target)
     if target.exists():
         raise FileExistsError(f"{target} exists; give a new directory for the converted checkpoint")
-    pipe = FastComposerPipeline.from_pretrained(source, use_safetensors=False)
+    pipe = FastComposerPipeline.from_pretrained(source, use_safetensors=None)
     pipe.save_pretrained(target)
     return target
 

@@ -476,7 +476,8 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
         if clip_skip is None:
             return self.text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
         hidden = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True)[-1]
-        return self.text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4 / 5 layout
+        return text_model.final_layer_norm(hidden[-(clip_skip + 1)])
 
     def encode_prompt(
         self,

@@ -44,8 +44,12 @@ def scheduler_class(name: str) -> type:
 
 
 def make_scheduler(name: str, config: Any):
-    """Scheduler ``name`` configured ``from_config`` of another scheduler's ``config`` (same noise schedule)."""
-    return scheduler_class(name).from_config(config)
+    """Scheduler ``name`` configured ``from_config`` of another scheduler's ``config`` (same noise
+    schedule); PNDM as Stable Diffusion 1.5 runs it (PLMS steps only)."""
+    cls = scheduler_class(name)
+    if cls.__name__ == "PNDMScheduler":
+        return inference_scheduler(config)
+    return cls.from_config(config)
 
 
 def inference_scheduler(config: Any):

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from fc_pipeline.checkpoints import UnsafeCheckpointError
+from fc_pipeline.schedulers import SCHEDULERS
 from fc_pipeline.settings import DTYPE_NAMES, SettingError, add_arguments, given, resolve_device
 
 
@@ -213,7 +215,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "batch: fc-pipeline generate --checkpoint ckpt --jobs jobs.jsonl   (one JSON object per line with "
         "prompt, out (both required), subjects, seed, alpha, steps, guidance_scale, negative_prompt, "
         "num_images, height, width, "
-        "save_attention; missing fields take the command-line values, paths are relative to the jsonl file)",
+        "save_attention, truncate; missing fields take the command-line values, paths are relative to the "
+        "jsonl file)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -254,6 +257,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write <out>.attention.png/.npy: the subject tokens' attention maps",
     )
+    p.add_argument(
+        "--scheduler",
+        metavar="NAME",
+        help=f"sampler: {', '.join(SCHEDULERS)} or a diffusers scheduler class "
+        "(default: the checkpoint's; checkpoints ship SD 1.5's PNDM)",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut a prompt over the text encoder's 77 tokens (with a warning) instead of failing",
+    )
     p.set_defaults(func=_run_generate)
 
 
@@ -270,6 +284,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         save_attention=args.save_attention,
+        truncate=args.truncate,
     )
     try:
         if args.jobs:
@@ -279,7 +294,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         else:
             jobs = [make_job({"prompt": args.prompt, "subjects": args.subject, "out": args.out, **settings})]
         device = resolve_device(args.device)
-        pipeline = load_pipeline(args.checkpoint, device=device, dtype=args.dtype)
+        pipeline = load_pipeline(args.checkpoint, device=device, dtype=args.dtype, scheduler=args.scheduler)
         subject_images = [load_subject_images(job, pipeline) for job in jobs]
     except JobError as exc:
         print(f"fc-pipeline generate: error: {exc}", file=sys.stderr)
@@ -469,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[MODELS_ENV] = args.models
     try:
         return int(args.func(args) or 0)
+    except UnsafeCheckpointError as error:  # pickled weights: refused before anything is unpickled
+        print(f"fc-pipeline {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except SettingError as error:  # a value out of range: exit 2 naming the flag, before any work
         flags = getattr(args, "flags", {})
         args.parser.error(f"{flags.get(error.option, error.option)} {error.problem}")

@@ -31,6 +31,7 @@ from fc_pipeline.evaluation.prompts import BenchmarkCase, benchmark_cases, load_
 from fc_pipeline.evaluation.report import plot_alpha_sweep, plot_attention, plot_grid, summarise, write_report
 from fc_pipeline.evaluation.subjects import DEFAULT_CLASS_WORD, load_subjects
 from fc_pipeline.profiles import ModelProfile
+from fc_pipeline.schedulers import scheduler_class, with_scheduler
 from fc_pipeline.settings import SettingError, resolve_device, setting, validate
 from fc_pipeline.storage import atomic_write, write_json, write_parquet
 
@@ -71,9 +72,17 @@ class EvaluationConfig:
     grid_samples: int = setting(4, "Cases shown in the report's image grids.", min=0)
     attention_samples: int = setting(2, "Multi-subject cases whose attention maps the report shows.", min=0)
     baseline_checkpoint: str | None = setting(None, "A diffusers directory: adds a plain Stable Diffusion row (α = 0).")
+    scheduler: str | None = setting(
+        None, "Sampler: pndm, ddim, dpm, euler, euler_a, lms, unipc, ... or a diffusers class; empty: the checkpoint's."
+    )
 
     def __post_init__(self):
         validate(self)
+        if self.scheduler is not None:
+            try:
+                scheduler_class(self.scheduler)
+            except ValueError as exc:
+                raise SettingError("scheduler", str(exc)) from None
         if not self.prompt_sets:
             raise SettingError("prompt_sets", "must name at least one prompt set ('single', 'multi' or a JSON file)")
         if not self.alphas:
@@ -262,7 +271,7 @@ def _load_pipeline(source, device: str | None, torch_dtype, baseline: bool = Fal
 
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a FastComposer checkpoint (no model_index.json)")
-        pipe = FastComposerPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+        pipe = FastComposerPipeline.from_pretrained(path, dtype=torch_dtype)
     return pipe.to(resolve_device(device))
 
 
@@ -316,7 +325,7 @@ def run_evaluation(
     started = time.perf_counter()
     rows, figures = [], {"Identity vs prompt consistency": [], "Reference | generated": [], "Attention maps": []}
     for label, source, baseline in sources:
-        pipe = _load_pipeline(source, device, torch_dtype, baseline)
+        pipe = with_scheduler(_load_pipeline(source, device, torch_dtype, baseline), config.scheduler)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         label_rows, samples = evaluate_pipeline(pipe, cases, config, out, label, faces, prompt_scorer, progress)

@@ -21,6 +21,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from fc_pipeline.checkpoints import refuse_pickled_weights
 from fc_pipeline.model.fuser import SubjectFuser
 from fc_pipeline.profiles import ModelProfile, clip_tokenizer, get_profile
 
@@ -101,17 +102,20 @@ def _checkpoint_components(path: Path, torch_dtype: torch.dtype | None) -> dict[
     missing = [name for name in COMPONENT_NAMES if not (path / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{path} is not a FastComposer checkpoint: missing {', '.join(missing)}")
+    refuse_pickled_weights(path)  # before anything is read: unpickling can run code
+    safe = {"use_safetensors": True}
     return {
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype),
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype),
+        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, **safe),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype, **safe),
         "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype),
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, **safe),
+        # the training noise is DDPM's, whichever sampler the checkpoint ships for inference
         "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         "image_encoder": CLIPVisionModelWithProjection.from_pretrained(
-            path, subfolder="image_encoder", dtype=torch_dtype
+            path, subfolder="image_encoder", dtype=torch_dtype, **safe
         ),
         "feature_extractor": CLIPImageProcessor.from_pretrained(path, subfolder="feature_extractor"),
-        "fuser": SubjectFuser.from_pretrained(path, subfolder="fuser", torch_dtype=torch_dtype),
+        "fuser": SubjectFuser.from_pretrained(path, subfolder="fuser", torch_dtype=torch_dtype, **safe),
     }
 
 

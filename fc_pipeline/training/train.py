@@ -269,11 +269,41 @@ def _load_rng(directory: Path, rank: int) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _card_data(trainer_state: dict, processes: int) -> dict[str, Any]:
+    """What a checkpoint's model card says about its base models, data and training run."""
+    from fc_pipeline.profiles import get_profile
+
+    config, step = trainer_state["config"], trainer_state["step"]
+    profile = get_profile(config["profile"])
+    tiny = "tiny random (test profile, not a real model)"
+    shards = config["shards"] if isinstance(config["shards"], list) else [config["shards"]]
+    batch = config["train_batch_size"] * config["gradient_accumulation_steps"] * processes
+    return {
+        "base_model": tiny if profile.tiny else profile.stable_diffusion,
+        "image_encoder": tiny if profile.tiny else profile.image_encoder,
+        "training_data": {
+            "datasets": ", ".join(map(str, shards)),
+            "samples seen": step * batch,
+            "construction": "captions, panoptic segments and CLIP×SBERT-matched person subjects (fc-pipeline "
+            "build-dataset)",
+        },
+        "training": {
+            "initialised from": config.get("pretrained") or "the profile's pretrained models (fresh fuser)",
+            "steps": step,
+            "batch (all processes)": batch,
+            "learning rate": config["learning_rate"],
+            "localization weight λ": config["localization_weight"],
+            "mixed precision": config["mixed_precision"],
+        },
+    }
+
+
 def _save_checkpoint(
     accelerator, models: dict, optimizer, output_dir: Path, step: int, trainer_state: dict, keep: int
 ) -> Path:
     """Pipeline + training state into a temp dir, renamed into place; keeps the newest ``keep``."""
     from fc_pipeline.pipeline import FastComposerPipeline
+    from fc_pipeline.schedulers import inference_scheduler
 
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     temp = output_dir / f".tmp-{final.name}"
@@ -284,7 +314,10 @@ def _save_checkpoint(
             name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part
             for name, part in models.items()
         }
-        FastComposerPipeline.from_components(parts).save_pretrained(temp, safe_serialization=True)
+        # the checkpoint ships SD 1.5's inference sampler over the training noise schedule
+        parts["scheduler"] = inference_scheduler(parts["scheduler"].config)
+        card = _card_data(trainer_state, accelerator.num_processes)
+        FastComposerPipeline.from_components(parts).save_pretrained(temp, card_data=card)
         state_dir.mkdir(parents=True)
         _save_optimizer(optimizer, state_dir)
     accelerator.wait_for_everyone()

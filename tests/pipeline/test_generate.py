@@ -15,6 +15,8 @@ import torch
 
 from fc_pipeline.cli import main
 from fc_pipeline.cli.generation import GenerationJob, overlay_attention_maps
+from fc_pipeline.pipeline import FastComposerPipeline
+from fc_pipeline.schedulers import with_scheduler
 
 PROMPT = "a man <|image|> and a woman <|image|> on the beach"
 
@@ -122,3 +124,35 @@ def test_output_paths_and_overlay():
     pixels = np.asarray(grid)
     assert (pixels[:, :40] == (10, 20, 30)).all()
     assert not np.array_equal(pixels[0, 40], pixels[19, 79]), "the hot corner stands out"
+
+
+def test_unwritable_out_fails_before_any_image(checkpoint, tmp_path, capsys, monkeypatch):
+    generated = []
+    monkeypatch.setattr(FastComposerPipeline, "__call__", lambda *args, **kwargs: generated.append(1))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    (tmp_path / "taken.png").mkdir()
+    for out, message in [(blocker / "sub" / "o.png", "cannot write output"), (tmp_path / "taken.png", "directory")]:
+        assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a dog", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not generated
+
+
+def test_long_prompt_needs_truncate(checkpoint, tmp_path, capsys):
+    long = "a photo of a dog on the beach " + "in golden light " * 30
+    args = ["generate", "--checkpoint", str(checkpoint), "--prompt", long, "--out", str(tmp_path / "o.png")]
+    args += ["--steps", "1", "--height", "16", "--width", "16"]
+    assert main(args) == 2
+    assert "prompt too long" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+    assert main([*args, "--truncate"]) == 0 and (tmp_path / "o.png").is_file()
+
+
+def test_scheduler_flag_swaps_the_sampler(checkpoint, tmp_path):
+    args = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "1", "--out", str(tmp_path / "o.png")]
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a dog", "--scheduler", "euler", *args]) == 0
+    pipe = with_scheduler(FastComposerPipeline.from_pretrained(checkpoint), "euler")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        "a dog", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(1)
+    ).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "o.png")), np.asarray(expected))
