@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from fc_pipeline.data.shards import CAPTION_REASONS
 from fc_pipeline.storage import read_parquet
 
 from .dataset import CAPTIONS, IMAGES, SHARDS, captions, corpus_images, training_shards
@@ -19,8 +20,6 @@ from .metadata import failure_counts
 from .partitions import corpus_partitions
 from .resources import DatasetStore
 
-# Ledger reasons the captioning step itself gives (others are carried from the corpus scan).
-CAPTION_ERRORS = ("empty_caption", "caption_failed")
 # Ledger reasons that mean "nothing to learn from here" rather than "something broke": an image
 # without a person, or a caption without a noun. Every other reason counts as an error.
 FILTER_REASONS = ("empty_caption", "no_segments", "no_phrases", "no_match", "no_person")
@@ -48,7 +47,8 @@ def evaluate_readable_rate(corpus: pa.Table, min_rate: float) -> dg.AssetCheckRe
 
 def evaluate_caption_rate(table: pa.Table, min_rate: float) -> dg.AssetCheckResult:
     """Share of readable images with a non-empty caption is at least ``min_rate``."""
-    rows = [r for r in table.to_pylist() if r["error"] is None or r["error"] in CAPTION_ERRORS]
+    # readable images: no error, or one the captioning step itself gave
+    rows = [r for r in table.to_pylist() if r["error"] is None or r["error"] in CAPTION_REASONS]
     non_empty = sum(bool(r["caption"] and r["caption"].strip()) and r["error"] is None for r in rows)
     rate = _rate(non_empty, len(rows))
     return dg.AssetCheckResult(
