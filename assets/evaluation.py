@@ -41,7 +41,9 @@ class EvaluationReportConfig(EvaluationSettings):
     ``DEMO_DEFAULTS``) plus what to evaluate."""
 
     checkpoint: str = Field(
-        default="", description="Checkpoint directory; empty: the one the upstream fastcomposer_checkpoint recorded."
+        default="",
+        description="Checkpoint directory, or package.module:factory building another pipeline to score under the "
+        "same protocol; empty: the one the upstream fastcomposer_checkpoint recorded.",
     )
     subjects_dir: str = Field(
         default="", description="One sub-folder of reference photos per identity; empty: a bundled two-identity set."

@@ -313,7 +313,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         required=True,
         action="append",
         metavar="DIR",
-        help="checkpoint directory; repeat to compare checkpoints (e.g. with and without L_loc)",
+        help="checkpoint directory, or package.module:factory building another pipeline to score under the same "
+        "protocol; repeat to compare (e.g. with and without L_loc)",
     )
     p.add_argument(
         "--subjects",

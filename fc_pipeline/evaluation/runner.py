@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
+import re
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +40,7 @@ from fc_pipeline.storage import atomic_write, write_json, write_parquet
 PAPER_ALPHA_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 TEXT_ONLY_METHOD = "this checkpoint, text only"
 BASELINE_LABEL = "plain-sd"
+PIPELINE_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "package.module:factory"
 
 
 @dataclass(frozen=True)
@@ -257,8 +260,26 @@ def _method_name(pipe) -> str:
     return getattr(pipe, "method_name", type(pipe).__name__)
 
 
+def load_pipeline_reference(reference: str):
+    """The pipeline that ``"package.module:factory"`` builds: ``factory()`` (a function or class taking
+    no arguments) must return an object taking the protocol's call. How the CLI and Dagster name one."""
+    module, _, name = reference.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"pipeline {reference!r}: cannot import {name!r} from {module!r} ({exc})") from None
+    return factory()
+
+
+def _is_reference(source) -> bool:
+    return isinstance(source, (str, Path)) and bool(PIPELINE_REFERENCE.match(str(source))) and not Path(source).exists()
+
+
 def _load_pipeline(source, device: str | None, torch_dtype, baseline: bool = False):
-    """A pipeline object as given, or one loaded from a checkpoint directory (``baseline``: plain SD)."""
+    """A pipeline object as given or built by a ``module:factory`` reference, or one loaded from a
+    checkpoint directory (``baseline``: plain SD)."""
+    if _is_reference(source) and not baseline:
+        source = load_pipeline_reference(str(source))
     if not isinstance(source, (str, Path)):
         if not callable(source):
             raise ValueError(f"cannot evaluate a {type(source).__name__}: give a checkpoint directory or a pipeline")
@@ -276,6 +297,8 @@ def _load_pipeline(source, device: str | None, torch_dtype, baseline: bool = Fal
 
 
 def _label(checkpoint, index: int) -> str:
+    if _is_reference(checkpoint):
+        return str(checkpoint).rpartition(":")[2]
     return Path(checkpoint).name if isinstance(checkpoint, (str, Path)) else f"checkpoint{index}"
 
 
@@ -293,7 +316,8 @@ def run_evaluation(
     progress: Callable[[str], None] | None = None,
     **config_overrides: Any,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint (a directory or a pipeline object), or several as ``{label: checkpoint}``.
+    """Evaluate one checkpoint (a directory, a pipeline object or a ``"package.module:factory"``
+    reference to one), or several as ``{label: checkpoint}``.
 
     ``profile`` picks the scorers not passed in: ``paper`` (CLIP ViT-L/14 and vggface2 FaceNet, from
     local files; a clear error says how to get them) or ``tiny`` (the real offline FaceNet and a

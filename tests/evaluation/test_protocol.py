@@ -205,3 +205,39 @@ def test_celeba_benchmark_layout_and_class_words(faces_dir, tmp_path, face_score
 def test_generic_pipeline_needs_to_be_callable(tmp_path, demo_subjects, face_scorer):
     with pytest.raises(ValueError, match="cannot evaluate a int"):
         run_evaluation({"x": 3}, demo_subjects, tmp_path, faces=face_scorer, prompt_scorer=StubPromptScorer())
+
+
+def test_pipeline_by_reference(tmp_path, monkeypatch, demo_subjects, face_scorer):
+    # how the CLI (--checkpoint) and the Dagster config name another method: "package.module:factory"
+    (tmp_path / "other_method.py").write_text(
+        "from types import SimpleNamespace\n"
+        "from PIL import Image\n\n"
+        "class Gray:\n"
+        "    method_name = 'gray baseline'\n\n"
+        "    def __call__(self, prompt, subject_images, alpha, num_images_per_prompt, generator, **kwargs):\n"
+        "        return SimpleNamespace(images=[Image.new('RGB', (32, 32), 'gray')] * num_images_per_prompt)\n\n"
+        "def build():\n"
+        "    return Gray()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = EvaluationConfig(images_per_prompt=1, max_prompts=1, max_subject_groups=1, text_only_baseline=False)
+    result = run_evaluation(
+        "other_method:build",
+        demo_subjects,
+        tmp_path / "out",
+        config,
+        faces=face_scorer,
+        prompt_scorer=StubPromptScorer(),
+    )
+    assert [(r["checkpoint"], r["method"], r["identity_pct"]) for r in result["summary"]] == [
+        ("build", "gray baseline", 0.0)  # no face in a gray image
+    ]
+    with pytest.raises(ValueError, match="cannot import 'missing' from 'other_method'"):
+        run_evaluation(
+            "other_method:missing",
+            demo_subjects,
+            tmp_path / "bad",
+            config,
+            faces=face_scorer,
+            prompt_scorer=StubPromptScorer(),
+        )
