@@ -54,6 +54,14 @@ class PlainStableDiffusion:
     def device(self) -> torch.device:
         return self.pipe.device
 
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        self.pipe.scheduler = scheduler
+
     def to(self, device: str | torch.device) -> PlainStableDiffusion:
         self.pipe.to(device)
         return self

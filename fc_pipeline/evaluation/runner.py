@@ -349,7 +349,10 @@ def run_evaluation(
     started = time.perf_counter()
     rows, figures = [], {"Identity vs prompt consistency": [], "Reference | generated": [], "Attention maps": []}
     for label, source, baseline in sources:
-        pipe = with_scheduler(_load_pipeline(source, device, torch_dtype, baseline), config.scheduler)
+        pipe = _load_pipeline(source, device, torch_dtype, baseline)
+        if config.scheduler is not None and not hasattr(pipe, "scheduler"):
+            raise ValueError(f"scheduler {config.scheduler!r}: the pipeline {label!r} has no .scheduler to swap")
+        pipe = with_scheduler(pipe, config.scheduler)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         label_rows, samples = evaluate_pipeline(pipe, cases, config, out, label, faces, prompt_scorer, progress)

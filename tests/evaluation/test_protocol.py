@@ -241,3 +241,24 @@ def test_pipeline_by_reference(tmp_path, monkeypatch, demo_subjects, face_scorer
             faces=face_scorer,
             prompt_scorer=StubPromptScorer(),
         )
+
+
+def test_scheduler_swap_reaches_the_plain_sd_baseline_and_names_a_pipeline_without_one(
+    tiny_checkpoint, demo_subjects, tmp_path, face_scorer, composite
+):
+    from diffusers import DDIMScheduler
+
+    from fc_pipeline.evaluation.baselines import PlainStableDiffusion
+    from fc_pipeline.schedulers import with_scheduler
+
+    plain = with_scheduler(PlainStableDiffusion.from_pretrained(tiny_checkpoint), "ddim")
+    assert isinstance(plain.pipe.scheduler, DDIMScheduler)
+    with pytest.raises(ValueError, match="the pipeline 'fake' has no .scheduler"):
+        run_evaluation(
+            {"fake": FakePipeline(composite)},
+            demo_subjects,
+            tmp_path,
+            EvaluationConfig(max_prompts=1, scheduler="ddim"),
+            faces=face_scorer,
+            prompt_scorer=StubPromptScorer(),
+        )
