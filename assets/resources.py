@@ -37,6 +37,7 @@ class ModelResource(dg.ConfigurableResource):
     """A model lent to one step (see the module docstring); subclasses say how to :meth:`build` it."""
 
     profile: str = "tiny"
+    models_dir: str = Field(default="", description="Model store of the paper profile; empty: $FC_PIPELINE_MODELS.")
     device: str = Field(default="auto", description="auto: cuda when a GPU is visible, else cpu.")
     dtype: str = Field(default="auto", description="auto: bfloat16 (or float16) on CUDA, float32 on CPU.")
 
@@ -120,7 +121,7 @@ class CaptionerResource(ModelResource):
 
     @property
     def model_profile(self) -> ModelProfile:
-        return get_profile(self.profile, captioner=self.model or None)
+        return get_profile(self.profile, self.models_dir or None, captioner=self.model or None)
 
     def model_ids(self) -> dict[str, str]:
         """Which checkpoint this resource loads (for provenance; nothing is loaded)."""
@@ -148,7 +149,7 @@ class SegmenterResource(ModelResource):
 
     @property
     def model_profile(self) -> ModelProfile:
-        return get_profile(self.profile, segmenter=self.model or None)
+        return get_profile(self.profile, self.models_dir or None, segmenter=self.model or None)
 
     def model_ids(self) -> dict[str, str]:
         """Which checkpoint this resource loads (for provenance; nothing is loaded)."""
@@ -179,6 +180,7 @@ class MatcherResource(ModelResource):
     def model_profile(self) -> ModelProfile:
         return get_profile(
             self.profile,
+            self.models_dir or None,
             matcher_clip=self.clip_model or None,
             matcher_clip_pretrained=self.clip_pretrained or None,
             sbert=self.sbert or None,
@@ -200,6 +202,7 @@ class EvaluatorResource(dg.ConfigurableResource):
     """Evaluation models of a profile: MTCNN + FaceNet and the prompt-consistency CLIP (owner: evaluation)."""
 
     profile: str = "tiny"
+    models_dir: str = Field(default="", description="Model store of the paper profile; empty: $FC_PIPELINE_MODELS.")
     facenet: str = ""
     prompt_clip: str = ""
     device: str = "auto"
@@ -208,13 +211,16 @@ class EvaluatorResource(dg.ConfigurableResource):
         """MTCNN + FaceNet (the step that asks holds it; it is freed with the step)."""
         from fc_pipeline.evaluation.faces import FaceScorer
 
-        return FaceScorer(get_profile(self.profile, facenet=self.facenet or None), device=resolve_device(self.device))
+        return FaceScorer(
+            get_profile(self.profile, self.models_dir or None, facenet=self.facenet or None),
+            device=resolve_device(self.device),
+        )
 
     def prompt_scorer(self):
         """The CLIP image–text scorer (the step that asks holds it; it is freed with the step)."""
         from fc_pipeline.evaluation.prompt_consistency import PromptConsistency
 
-        profile = get_profile(self.profile, prompt_clip=self.prompt_clip or None)
+        profile = get_profile(self.profile, self.models_dir or None, prompt_clip=self.prompt_clip or None)
         return PromptConsistency(profile, device=resolve_device(self.device))
 
 
