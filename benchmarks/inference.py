@@ -133,7 +133,7 @@ def measure_variants(components: dict, contest: Contest, args: argparse.Namespac
     fc, sd = fastcomposer_pipeline(components), stable_diffusion_pipeline(components)
     results = {}
     for variant in VARIANTS:
-        if variant not in args.variants:
+        if variant not in args.variants or DTYPES.get(variant) == dtype:  # a dtype variant of the base dtype is it
             continue
         if variant == "channels-last":
             apply_speed_options(fc, device, channels_last=True)  # the UNet is shared: both pipelines have it
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.dreambooth != "off":  # before the variants: compile stays on the UNet
         results["personalisation"] = personalisation(components, contest, args, baseline["fc_s"])
     results["variants"] = {"baseline": baseline, **measure_variants(components, contest, args)}
-    write_result(args.json, f"inference-{args.size}", summary(args, results, resolution, label), results)
+    key = "-".join(["inference", args.size, *sorted(args.variants)])
+    write_result(args.json, key, summary(args, results, resolution, label), results)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype [%(default)s]"
     )
+    p.add_argument("--offload", action="store_true", help="model CPU offload: each model on the GPU only while it runs")
+    p.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image pays for it)")
     p.add_argument(
         "--save-attention",
         action="store_true",
@@ -294,7 +297,15 @@ def _run_generate(args: argparse.Namespace) -> int:
         else:
             jobs = [make_job({"prompt": args.prompt, "subjects": args.subject, "out": args.out, **settings})]
         device = resolve_device(args.device)
-        pipeline = load_pipeline(args.checkpoint, device=device, dtype=args.dtype, scheduler=args.scheduler)
+        pipeline = load_pipeline(
+            args.checkpoint,
+            device=device,
+            dtype=args.dtype,
+            offload=args.offload,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            scheduler=args.scheduler,
+        )
         subject_images = [load_subject_images(job, pipeline) for job in jobs]
     except JobError as exc:
         print(f"fc-pipeline generate: error: {exc}", file=sys.stderr)
