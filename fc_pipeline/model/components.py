@@ -105,17 +105,17 @@ def _checkpoint_components(path: Path, torch_dtype: torch.dtype | None) -> dict[
     refuse_pickled_weights(path)  # before anything is read: unpickling can run code
     safe = {"use_safetensors": True}
     return {
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, **safe),
+        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch_dtype, **safe),
         "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype, **safe),
         "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, **safe),
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=torch_dtype, **safe),
         # the training noise is DDPM's, whichever sampler the checkpoint ships for inference
         "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         "image_encoder": CLIPVisionModelWithProjection.from_pretrained(
             path, subfolder="image_encoder", dtype=torch_dtype, **safe
         ),
         "feature_extractor": CLIPImageProcessor.from_pretrained(path, subfolder="feature_extractor"),
-        "fuser": SubjectFuser.from_pretrained(path, subfolder="fuser", torch_dtype=torch_dtype, **safe),
+        "fuser": SubjectFuser.from_pretrained(path, subfolder="fuser", dtype=torch_dtype, **safe),
     }
 
 

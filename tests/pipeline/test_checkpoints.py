@@ -160,3 +160,12 @@ def test_model_card_round_trip_and_push_to_hub(pipe, tmp_path, monkeypatch):
     assert "README.md" in files and "model_index.json" in files and "unet/diffusion_pytorch_model.safetensors" in files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     assert "| identity (single) | 51.4 % |" in uploads["card"], "the card survives a reload and the upload"
+
+
+def test_loaders_take_dtype_without_deprecations(saved, recwarn):
+    parts = load_components("tiny", pretrained=saved, torch_dtype=torch.bfloat16)
+    assert parts["unet"].dtype == parts["vae"].dtype == parts["fuser"].dtype == torch.bfloat16
+    assert parts["text_encoder"].dtype == parts["image_encoder"].dtype == torch.bfloat16
+    pipe = FastComposerPipeline.from_pretrained(saved, dtype=torch.bfloat16)
+    assert pipe.unet.dtype == pipe.fuser.dtype == torch.bfloat16
+    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]
