@@ -428,7 +428,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _run_models(args: argparse.Namespace) -> int:
     from fc_pipeline import pretrained
+    from fc_pipeline.profiles import get_profile
 
+    if get_profile(args.profile, models_dir="").tiny:
+        raise SystemExit(f"models: profile {args.profile!r} builds its models offline; use --profile paper")
     models_dir = getattr(args, "models", None)
     if args.action == "download":
         if not (args.to or models_dir):

@@ -170,3 +170,5 @@ def test_stored_models_name_each_role_once():
     assert clip.fields == ("image_encoder", "prompt_clip") and clip.path == Path("/store/openai/clip-vit-large-patch14")
     with pytest.raises(ValueError, match="tiny"):
         stored_models("tiny")
+    with pytest.raises(SystemExit, match="use --profile paper"):
+        main(["models", "check", "--profile", "tiny"])
