@@ -34,6 +34,7 @@ import contextlib
 import numpy as np
 import torch
 from common import (  # benchmarks/common.py
+    DTYPES,
     SIZES,
     alternate,
     benchmark_components,
@@ -123,7 +124,7 @@ class Step:
 
 def make_steps(size: str, args) -> tuple[Step, Step]:
     """The FastComposer step and the plain SD step over one set of components."""
-    profile, models = benchmark_components(size, args.device)
+    profile, models = benchmark_components(size, args.device, DTYPES[args.dtype])
     plain_processors = models["unet"].attn_processors
     trainable = set_trainable(models)
     capture = install_attention_capture(models["unet"], profile.localization_layers)
@@ -150,6 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method [7]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="[no]; the paper: bf16")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="weight dtype [float32]; bfloat16 halves a CPU's load",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads [1: tiny models run fastest on one]")
     parser.add_argument("--json", default=None, help="also merge the figures into this JSON file")
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         "size": args.size,
         "device": args.device,
         "mixed_precision": args.mixed_precision,
+        "dtype": args.dtype,
         "resolution": resolution,
         "batch_size": args.batch_size,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     where = f"{args.device} ({args.threads} CPU thread(s))" if args.device == "cpu" else args.device
     line = (
-        f"train step [{args.size} sizes, {where}, {args.mixed_precision} mixed precision, {resolution}px, "
+        f"train step [{args.size} sizes, {where}, {args.dtype} weights, {args.mixed_precision} mixed precision, "
+        f"{resolution}px, "
         f"batch {args.batch_size}, 2 subjects/image, λ={args.localization_weight}, "
         f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}median of {args.repeats}]: "
         f"time {figures['time_ratio']:.3f}x plain SD fine-tuning ({times['fc'] * 1000:.0f} ms vs "
