@@ -140,6 +140,29 @@ def test_callback_objects_and_the_properties_they_read(pipe):
     assert inputs.kwargs == [kwargs, kwargs], "cross_attention_kwargs reach the UNet"
 
 
+@pytest.mark.parametrize("subjects", [False, True], ids=["text", "subjects"])
+def test_diffusers_common_callback_checks(pipe, subject_paths, subjects):
+    """What diffusers' PipelineTesterMixin.test_callback_inputs / test_callback_cfg check."""
+    prompt = dict(prompt=PROMPT, subject_images=subject_paths) if subjects else dict(prompt=TEXT)
+    call = dict(output_type="latent", **SMALL, **prompt)
+
+    def zero_last(pipeline, step, timestep, tensors):
+        assert set(tensors) == set(pipeline._callback_tensor_inputs)
+        if step == pipeline.num_timesteps - 1:
+            tensors["latents"] = torch.zeros_like(tensors["latents"])
+        return tensors
+
+    out = pipe(callback_on_step_end=zero_last, callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs, **call)
+    assert out.images.abs().sum() == 0
+
+    def more_guidance(pipeline, step, timestep, tensors):
+        pipeline._guidance_scale += 1.0
+        return tensors
+
+    pipe(guidance_scale=2.0, callback_on_step_end=more_guidance, **call)
+    assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
+
+
 def test_unknown_callback_tensor_is_an_error(pipe):
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipe(TEXT, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"], **SMALL)
