@@ -4,6 +4,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
+from assets.demo_run import summarize
 from assets.evaluation import EvaluationReportConfig, IdentityFloorConfig, evaluation_report, identity_floor
 from assets.resources import DatasetStore, EvaluatorResource
 from fc_pipeline.cli import main
@@ -35,6 +36,9 @@ def test_evaluation_report_materialises_with_its_check(tiny_checkpoint, tmp_path
     assert f"prompt_consistency ({RANDOM_SCORER_NOTE})" in metadata["summary"].value
     assert metadata["single/prompt_consistency_note"].value == RANDOM_SCORER_NOTE
     assert RANDOM_SCORER_NOTE in metadata["scorers"].value["prompt_consistency"]
+    # ... and the demo's summary line says so too
+    described = summarize(result, tmp_path).describe()
+    assert f"prompt consistency scored by: random tiny CLIP (seed 0) — {RANDOM_SCORER_NOTE}" in described
     assert metadata["alpha_tradeoff"].value.startswith("![alpha sweep](data:image/png;base64,")
     # the report folder is named after the run (the checkpoint's parent folder) and the checkpoint
     report = tmp_path / "evaluation" / tiny_checkpoint.parent.name / "tiny-ckpt" / "report.html"
