@@ -429,20 +429,26 @@ def plan_step(
     if step not in STEP_MODELS:
         raise ValueError(f"unknown step {step!r}; choose one of {sorted(STEP_MODELS)}")
     profile = get_profile(profile, models_dir="") if isinstance(profile, str) else profile
-    dtype = "float32" if step == "train" or dtype is None else str(dtype).removeprefix("torch.")
+    total, trainable = _counts(step, profile.matcher_clip)
+    pixels = (resolution or profile.resolution) if step in ("train", "generate", "evaluate") else 512
+    return _plan(step, total, trainable, "float32" if step == "train" else dtype, batch, pixels)
+
+
+def _plan(step: str, parameters: int, trainable: int, dtype: Any, batch: int | None, resolution: int) -> StepPlan:
+    """A :class:`StepPlan` from parameter counts; activations scale with the batch and quadratically
+    with the image size from 512 px."""
+    dtype = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
     batch = DEFAULT_BATCH[step] if batch is None else batch
-    total, trainable = _counts(step, profile.matcher_clip)
-    scale = ((resolution or profile.resolution) / 512) ** 2 if step in ("train", "generate", "evaluate") else 1.0
     return StepPlan(
         step=step,
         dtype=dtype,
         batch=batch,
-        parameters=total,
-        weights=total * DTYPE_BYTES[dtype],
+        parameters=parameters,
+        weights=parameters * DTYPE_BYTES[dtype],
         optimizer=trainable * TRAIN_STATE_BYTES,
-        activations=int(ACTIVATION_GIB[step] * GIB * batch * scale),
+        activations=int(ACTIVATION_GIB[step] * GIB * batch * (resolution / 512) ** 2),
         overhead=int(OVERHEAD_GIB * GIB),
     )
 
@@ -473,5 +479,45 @@ def check_step_memory(
     if profile.tiny or not str(device).startswith("cuda"):
         return None
     plan = plan_step(step, profile, dtype=dtype, batch=batch, resolution=resolution)
+    ensure_fits(plan, str(device))
+    return plan
+
+
+def checkpoint_parameters(checkpoint: str | os.PathLike) -> int:
+    """Parameters of a diffusers-layout checkpoint, from its safetensors headers (nothing is loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(checkpoint).glob("*/*.safetensors")):
+        with safe_open(str(path), "pt") as weights:
+            total += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    return total
+
+
+def check_checkpoint_memory(
+    step: str,
+    checkpoint: str | os.PathLike,
+    device: Any,
+    dtype: Any = None,
+    batch: int | None = None,
+    resolution: int | None = None,
+) -> StepPlan | None:
+    """Before loading a FastComposer checkpoint on CUDA for ``generate``/``evaluate``: its weights
+    (counted from the files) at ``dtype`` plus activations per image; :class:`MemoryPlanError` when
+    it cannot fit. ``resolution`` defaults to the checkpoint's (UNet sample size × VAE scale)."""
+    import json
+
+    if not str(device).startswith("cuda"):
+        return None
+    if step not in ("generate", "evaluate"):
+        raise ValueError(f"checkpoints are planned for generate or evaluate, not {step!r}")
+    checkpoint = Path(checkpoint)
+    if resolution is None:
+        unet = json.loads((checkpoint / "unet" / "config.json").read_text())
+        vae = json.loads((checkpoint / "vae" / "config.json").read_text())
+        resolution = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    plan = _plan(step, checkpoint_parameters(checkpoint), 0, dtype, batch, resolution)
     ensure_fits(plan, str(device))
     return plan

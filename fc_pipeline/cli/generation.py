@@ -22,6 +22,7 @@ from matplotlib import colormaps
 
 from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.model.components import COMPONENT_NAMES
+from fc_pipeline.pretrained import MemoryPlanError, check_checkpoint_memory
 from fc_pipeline.schedulers import scheduler_class, with_scheduler
 from fc_pipeline.settings import torch_dtype
 from fc_pipeline.storage import atomic_write
@@ -147,6 +148,10 @@ def load_pipeline(
             scheduler_class(scheduler)
         except ValueError as exc:
             raise JobError(str(exc)) from None
+    try:  # on CUDA: refuse up front when the checkpoint cannot fit, instead of running out after loading
+        check_checkpoint_memory("generate", checkpoint, device, weights_dtype)
+    except MemoryPlanError as exc:
+        raise JobError(str(exc)) from None
     pipeline = with_scheduler(FastComposerPipeline.from_pretrained(checkpoint, dtype=weights_dtype), scheduler)
     return apply_speed_options(pipeline, device, offload=offload, channels_last=channels_last, compile=compile)
 

@@ -32,6 +32,7 @@ from fc_pipeline.evaluation.prompt_consistency import PromptConsistency, default
 from fc_pipeline.evaluation.prompts import BenchmarkCase, benchmark_cases, load_prompt_set
 from fc_pipeline.evaluation.report import plot_alpha_sweep, plot_attention, plot_grid, summarise, write_report
 from fc_pipeline.evaluation.subjects import DEFAULT_CLASS_WORD, load_subjects
+from fc_pipeline.pretrained import check_checkpoint_memory
 from fc_pipeline.profiles import ModelProfile
 from fc_pipeline.schedulers import scheduler_class, with_scheduler
 from fc_pipeline.settings import SettingError, resolve_device, setting, validate
@@ -292,6 +293,7 @@ def _load_pipeline(source, device: str | None, torch_dtype, baseline: bool = Fal
 
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a FastComposer checkpoint (no model_index.json)")
+        check_checkpoint_memory("evaluate", path, resolve_device(device), torch_dtype)
         pipe = FastComposerPipeline.from_pretrained(path, dtype=torch_dtype)
     return pipe.to(resolve_device(device))
 

@@ -172,3 +172,22 @@ def test_stored_models_name_each_role_once():
         stored_models("tiny")
     with pytest.raises(SystemExit, match="use --profile paper"):
         main(["models", "check", "--profile", "tiny"])
+
+
+def test_generation_refuses_a_checkpoint_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    from fc_pipeline.cli.generation import JobError, load_pipeline
+    from fc_pipeline.model.components import MODEL_NAMES, load_components
+    from fc_pipeline.pipeline import FastComposerPipeline
+    from fc_pipeline.pretrained import check_checkpoint_memory, checkpoint_parameters
+
+    parts = load_components("tiny")
+    FastComposerPipeline.from_components(parts).save_pretrained(tmp_path / "ckpt")
+    parameters = sum(p.numel() for name in MODEL_NAMES for p in parts[name].parameters())
+    assert checkpoint_parameters(tmp_path / "ckpt") == parameters  # from the safetensors headers
+    _gpu_with(monkeypatch, free_gib=2.0)
+    plan = check_checkpoint_memory("evaluate", tmp_path / "ckpt", "cuda", torch.float16, batch=2)
+    assert plan.weights == 2 * parameters and plan.batch == 2  # and 64 px images: tiny activations
+    assert check_checkpoint_memory("generate", tmp_path / "ckpt", "cpu") is None
+    _gpu_with(monkeypatch, free_gib=0.5)  # less than the CUDA overhead alone: refused before loading
+    with pytest.raises(JobError, match=r"generate: 1\.0 GiB = weights 0\.0 .* 0\.5 GiB free of 48\.0 GiB"):
+        load_pipeline(tmp_path / "ckpt", device="cuda")
