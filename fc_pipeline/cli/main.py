@@ -434,10 +434,11 @@ def _run_models(args: argparse.Namespace) -> int:
         raise SystemExit(f"models: profile {args.profile!r} builds its models offline; use --profile paper")
     models_dir = getattr(args, "models", None)
     if args.action == "download":
-        if not (args.to or models_dir):
-            raise SystemExit("models download: give --to DIR")
-        pretrained.download(args.profile, args.to or models_dir, log=lambda m: print(m, file=sys.stderr))
-        args.action, models_dir = "check", args.to or models_dir
+        models_dir = args.to or models_dir or os.environ.get(pretrained.MODELS_ENV)
+        if not models_dir:
+            raise SystemExit(f"models download: give --to DIR (or set {pretrained.MODELS_ENV})")
+        pretrained.download(args.profile, models_dir, log=lambda m: print(m, file=sys.stderr))
+        args.action = "check"
     if args.action == "check":
         rows = pretrained.check(args.profile, models_dir)
         print(pretrained.format_check(rows))
