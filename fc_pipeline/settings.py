@@ -110,20 +110,18 @@ def add_arguments(
     *,
     exclude: Iterable[str] = (),
     aliases: Mapping[str, str] | None = None,
-    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """One flag per field of ``cls`` (``--field-name``, plus ``aliases[name]``); returns ``{field: flag}``.
 
     Flags default to ``None`` (the dataclass's default applies; :func:`given` collects the others);
-    the help shows the default (``defaults`` overrides what is shown) and the paper's value.
+    the help shows the default and the paper's value.
     """
-    aliases, defaults = aliases or {}, defaults or {}
-    flags = {}
+    aliases, kinds, flags = aliases or {}, field_types(cls), {}
     for field in dataclasses.fields(cls):
         if field.name in exclude:
             continue
-        kind = field_types(cls)[field.name]
-        shown = defaults.get(field.name, default_of(field))
+        kind = kinds[field.name]
+        shown = default_of(field)
         if isinstance(shown, (list, tuple)):
             shown = " ".join(map(str, shown))
         text = describe(field) + ("" if shown in (dataclasses.MISSING, None) else f" [default: {shown}]")
