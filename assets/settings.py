@@ -3,8 +3,9 @@
 ``config_class(TrainConfig, ...)`` is a ``dg.Config`` with one field per dataclass field: same
 name (or a given Dagster name), same type (tuples as lists), the library's default (or a
 Dagster-side default, e.g. the CPU demo preset) and the library's help text and paper value as
-the description the launchpad shows. Values are validated by the dataclass when the step builds
-it (:func:`to_settings`), so the Dagster config has no bounds of its own to keep in sync.
+the description the launchpad shows. The library's bounds and choices are checked when a config
+is built, and :func:`check_run_config` builds every step's config of a run in its first step, so
+a bad value fails the run before anything is computed; the Dagster side keeps no bounds of its own.
 """
 
 import dataclasses
