@@ -39,6 +39,7 @@ MODELS_ENV = "FC_PIPELINE_MODELS"
 FACENET_WEIGHTS = {"vggface2": "20180402-114759-vggface2.pt"}  # facenet-pytorch's release file names
 FACENET_RELEASE = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
 OPEN_CLIP_PREFIX = "local-dir:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 GIB = 1024**3
 # Files a download skips: other frameworks' weights, fp16/EMA duplicates, the unused SD safety checker.
 SKIPPED_FILES = [
@@ -72,8 +73,12 @@ class StoredModel:
 
     @property
     def present(self) -> bool:
-        """Whether the model is on disk (its marker file, or the weights file itself)."""
-        return self.path is not None and (self.path / self.marker if self.marker else self.path).is_file()
+        """Whether the model is on disk: its marker file and some weights (or the weights file itself)."""
+        if self.path is None or not self.marker:
+            return self.path is not None and self.path.is_file()
+        return (self.path / self.marker).is_file() and any(
+            p.suffix in WEIGHT_SUFFIXES for p in self.path.rglob("*") if p.is_file()
+        )
 
     def files(self) -> list[Path]:
         """The files of the stored model (empty when missing)."""

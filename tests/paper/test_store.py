@@ -57,6 +57,10 @@ def test_check_lists_each_model_with_its_size(model_store, tmp_path, capsys):
     assert main(["--models", str(tmp_path), "models", "check"]) == 1
     captured = capsys.readouterr()
     assert captured.out.count("MISSING") == 7 and "fc-pipeline models download" in captured.err
+    # a configuration without weights (an interrupted download) is not a model
+    (tmp_path / "facebook/mask2former-swin-large-coco-panoptic").mkdir(parents=True)
+    (tmp_path / "facebook/mask2former-swin-large-coco-panoptic/config.json").write_text("{}")
+    assert not next(row for row in check("paper", tmp_path) if row["model"] == "segmenter")["present"]
 
 
 def test_download_fetches_with_the_libraries_own_functions(tmp_path, monkeypatch):
@@ -72,6 +76,7 @@ def test_download_fetches_with_the_libraries_own_functions(tmp_path, monkeypatch
             marker = "modules.json"
         Path(local_dir).mkdir(parents=True)
         (Path(local_dir) / marker).write_text("{}")
+        (Path(local_dir) / "model.safetensors").write_bytes(b"w")
         assert "safety_checker/*" in ignore_patterns and "*.msgpack" in ignore_patterns
 
     def download_pretrained(cfg, cache_dir):
