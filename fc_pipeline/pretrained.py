@@ -105,15 +105,17 @@ def stored_models(
     if profile.tiny:
         raise ValueError(f"profile {profile.name!r} builds its models offline; the model store is for 'paper'")
     root = store_root(models_dir)
+    clip_weights = profile.matcher_clip_pretrained  # an open_clip tag, or a local weights file used as it is
+    clip_is_file = bool(clip_weights) and _is_local(clip_weights)
     roles = [
         ("captioner", ("captioner",), profile.captioner, "transformers", "config.json"),
         ("segmenter", ("segmenter",), profile.segmenter, "transformers", "config.json"),
         (
             "matcher_clip",
             ("matcher_clip", "matcher_clip_pretrained"),
-            f"{profile.matcher_clip}/{profile.matcher_clip_pretrained}".rstrip("/"),
+            clip_weights if clip_is_file else f"{profile.matcher_clip}/{clip_weights}".rstrip("/"),
             "open_clip",
-            "open_clip_config.json",
+            "" if clip_is_file else "open_clip_config.json",
         ),
         ("sbert", ("sbert",), profile.sbert, "sentence-transformers", "modules.json"),
         ("stable_diffusion", ("stable_diffusion",), profile.stable_diffusion, "diffusers", "model_index.json"),

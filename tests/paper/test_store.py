@@ -39,6 +39,8 @@ def test_a_store_points_every_paper_model_at_its_folder(tmp_path, monkeypatch):
     assert get_profile(profile) == profile  # resolving twice changes nothing
     # an explicit local path stays; the tiny profile and models_dir="" ignore the store
     assert get_profile("paper", captioner="/models/blip2").captioner == "/models/blip2"
+    clip_file = get_profile("paper", matcher_clip_pretrained="/models/vit-h-14.bin")
+    assert (clip_file.matcher_clip, clip_file.matcher_clip_pretrained) == ("ViT-H-14", "/models/vit-h-14.bin")
     assert not get_profile("tiny").offline
     assert get_profile("paper", models_dir="").captioner == "Salesforce/blip2-opt-6.7b-coco"
 
