@@ -57,6 +57,8 @@ SKIPPED_FILES = [
     "*non_ema*",
     "*.ema.*",
     "safety_checker/*",
+    "onnx/*",
+    "openvino/*",
 ]
 
 
@@ -315,11 +317,21 @@ def download(
         elif model.library == "facenet-pytorch":
             _download_file(FACENET_RELEASE + model.path.name, model.path)
         else:
-            from huggingface_hub import snapshot_download
-
-            snapshot_download(model.model_id, local_dir=model.path, ignore_patterns=SKIPPED_FILES)
+            _download_hub(model)
         fetched.append(model)
     return fetched
+
+
+def _download_hub(model: StoredModel) -> None:
+    """``snapshot_download`` of the files the library loads: safetensors when the repo has them,
+    a diffusers pipeline's component folders only (not SD's single-file checkpoints)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    ignore = list(SKIPPED_FILES)
+    if any(name.endswith(".safetensors") for name in list_repo_files(model.model_id)):
+        ignore.append("*.bin")
+    allow = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"] if model.library == "diffusers" else None
+    snapshot_download(model.model_id, local_dir=model.path, allow_patterns=allow, ignore_patterns=ignore)
 
 
 def _download_open_clip(profile: ModelProfile, target: Path) -> None:

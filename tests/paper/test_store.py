@@ -71,8 +71,12 @@ def test_download_fetches_with_the_libraries_own_functions(tmp_path, monkeypatch
 
     calls = []
 
-    def snapshot_download(repo_id, local_dir, ignore_patterns):
+    def snapshot_download(repo_id, local_dir, allow_patterns, ignore_patterns):
         calls.append(("hub", repo_id))
+        # safetensors preferred; SD 1.5: its component folders, not the single-file checkpoints
+        assert ("*.bin" in ignore_patterns) == (repo_id != "facebook/mask2former-swin-large-coco-panoptic")
+        sd = repo_id.startswith("stable-diffusion")
+        assert allow_patterns == (["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"] if sd else None)
         marker = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "model_index.json"}.get(repo_id, "config.json")
         if repo_id.startswith("sentence-transformers/"):
             marker = "modules.json"
@@ -92,7 +96,12 @@ def test_download_fetches_with_the_libraries_own_functions(tmp_path, monkeypatch
         calls.append(("url", url))
         Path(dst).write_bytes(b"w")
 
+    def list_repo_files(repo_id):
+        weights = "pytorch_model.bin" if repo_id.startswith("facebook/") else "model.safetensors"
+        return ["config.json", weights]
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
     monkeypatch.setattr(open_clip, "download_pretrained", download_pretrained)
     monkeypatch.setattr(torch.hub, "download_url_to_file", download_url_to_file)
     assert main(["models", "download", "--to", str(tmp_path)]) == 0  # then checks: all present
