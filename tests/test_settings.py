@@ -188,3 +188,39 @@ def test_library_warnings_reach_the_run_event_log(tmp_path):
     with dg.instance_for_test() as instance:  # without python_logs the library's warning stays out of the run
         instance.add_dynamic_partitions("corpus", ["demo"])
         assert phrases_run(instance) == []
+
+
+@pytest.mark.filterwarnings("ignore:Specifying a partitions_def on an AssetCheckSpec")
+def test_gate_reads_check_results_through_public_apis():
+    """The training gate: checks evaluated on a corpus's latest shards count; a failed one blocks,
+    and re-materialised shards without check runs are 'not run on the latest shards'."""
+    from assets.checks import failed_shard_checks
+
+    parts = dataset.corpus_partitions
+
+    @dg.asset(name="training_shards", partitions_def=parts)
+    def shards() -> dg.MaterializeResult:
+        return dg.MaterializeResult()
+
+    def check(name: str, passed: bool):
+        @dg.asset_check(asset=shards, name=name, partitions_def=parts, blocking=True)
+        def _check() -> dg.AssetCheckResult:
+            return dg.AssetCheckResult(passed=passed)
+
+        return _check
+
+    names = ("shards_readable", "samples_with_subjects", "failure_rate")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("corpus", ["demo", "other"])
+        for corpus in ("demo", "other"):
+            passing = [check(name, True) for name in names]
+            assert dg.materialize([shards, *passing], instance=instance, partition_key=corpus).success
+        assert failed_shard_checks(instance, ["demo", "other"]) == {}
+        checks = [check(name, name != "failure_rate") for name in names]
+        failed = dg.materialize([shards, *checks], instance=instance, partition_key="demo", raise_on_error=False)
+        assert not failed.success
+        assert dg.materialize([shards], instance=instance, partition_key="other").success  # new shards, no checks
+        assert failed_shard_checks(instance, ["demo", "other"]) == {
+            "demo": {"failure_rate": "failed"},
+            "other": dict.fromkeys(names, "not run on the latest shards"),
+        }
