@@ -37,44 +37,35 @@ from fc_pipeline.data.matching import SubjectMatcher
 from fc_pipeline.data.phrases import load_spacy
 from fc_pipeline.data.segmentation import Segmenter
 from fc_pipeline.data.shards import shard_urls
-from fc_pipeline.profiles import TINY_CONFIGS, clip_tokenizer, get_profile
+from fc_pipeline.profiles import TINY_CONFIGS, clip_tokenizer, get_profile, paper_config
 from fc_pipeline.training.samples import SamplingConfig, TrainingSamples, collate_samples
 
-# The paper's dataset models as architectures (random weights, built offline) for throughput:
-# Salesforce/blip2-opt-6.7b-coco (EVA ViT-g/14 = Blip2VisionConfig's defaults, Q-Former defaults,
-# OPT-6.7b) and facebook/mask2former-swin-large-coco-panoptic (Swin-L, 200 queries, 384 px input).
-PAPER_DATASET_CONFIGS = {
-    "captioner": dict(
-        image_size=224,
-        num_query_tokens=32,
-        vision_config={},
-        qformer_config={},
-        text_config=dict(
-            model_type="opt",
-            hidden_size=4096,
-            ffn_dim=16384,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            word_embed_proj_dim=4096,
-            max_position_embeddings=2048,
-        ),
-    ),
-    "segmenter": dict(
-        shortest_edge=384,
-        longest_edge=384,
-        labels=("person",) + tuple(f"class-{k}" for k in range(1, 133)),
-        backbone_config=dict(
-            model_type="swin",
-            image_size=384,
-            embed_dim=192,
-            depths=[2, 2, 18, 2],
-            num_heads=[6, 12, 24, 48],
-            window_size=12,
-            out_features=["stage1", "stage2", "stage3", "stage4"],
-        ),
-        num_queries=200,
-    ),
-}
+
+def paper_dataset_configs() -> dict:
+    """The paper's captioner and segmenter architectures (``fc_pipeline/configs/paper``: BLIP-2
+    OPT-6.7b, Mask2Former Swin-L) in the form the random-model builders of the tiny profile take."""
+    captioner, segmenter = paper_config("captioner"), paper_config("segmenter")
+    preprocessor = segmenter.pop("_preprocessor")
+    text = {k: v for k, v in captioner["text_config"].items() if not k.endswith(("_token_id", "vocab_size"))}
+    return {
+        "captioner": {
+            "image_size": captioner["vision_config"]["image_size"],
+            "num_query_tokens": captioner["num_query_tokens"],
+            "vision_config": captioner["vision_config"],
+            "qformer_config": captioner["qformer_config"],
+            "text_config": text,  # the builder sizes the vocabulary to its offline tokenizer
+        },
+        "segmenter": {
+            **{
+                k: v
+                for k, v in segmenter.items()
+                if k not in ("architectures", "model_type", "id2label", "use_pretrained_backbone")
+            },
+            "labels": tuple(segmenter["id2label"].values()),
+            "shortest_edge": preprocessor["shortest_edge"],
+            "longest_edge": preprocessor["longest_edge"],
+        },
+    }
 
 
 class Recorder:
@@ -143,7 +134,7 @@ def model_throughput(args) -> dict:
     """Images/s of the captioner and the segmenter at each batch size (median of repeats)."""
     profile = get_profile("tiny")
     if args.size == "paper":
-        profile = profile.override(tiny_configs={**TINY_CONFIGS, **PAPER_DATASET_CONFIGS})
+        profile = profile.override(tiny_configs={**TINY_CONFIGS, **paper_dataset_configs()})
     dtype = DTYPES[args.dtype]
     with torch.device(args.device):  # random weights initialise on the device (fast for 7B parameters)
         models = {
