@@ -1,10 +1,12 @@
 """kill -9 at seeded moments of a build and of a training run: the next run resumes and ends where
-an uninterrupted one does, byte for byte (shards) or loss for loss (training)."""
+an uninterrupted one does, byte for byte (shards) or loss for loss (training); the resumed
+checkpoint refuses a pickled weight file slipped into it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import random
 import subprocess
 import sys
@@ -77,6 +79,26 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(
     for a, b in zip(full.history, rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["l_loc"] == pytest.approx(a["l_loc"], rel=1e-4, abs=1e-8)
+
+    # a pickled weight file slipped into the resumed checkpoint is refused before it is unpickled
+    from fc_pipeline.checkpoints import UnsafeCheckpointError
+    from fc_pipeline.pipeline import FastComposerPipeline
+
+    marker = tmp_path / "code-ran"
+    (resumed.checkpoint / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_WritesAFile(marker)))
+    with pytest.raises(UnsafeCheckpointError, match="pickled weights are refused"):
+        FastComposerPipeline.from_pretrained(resumed.checkpoint)
+    assert not marker.exists()
+
+
+class _WritesAFile:
+    """Unpickling it creates ``path``: proof that a pickle was (not) loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def test_a_torn_last_log_line_is_dropped_and_a_bad_earlier_one_is_named(tmp_path, caplog):
