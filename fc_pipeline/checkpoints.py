@@ -67,7 +67,7 @@ def render_model_card(card_data: dict[str, Any], scheduler: str):
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=["fastcomposer", "subject-driven-generation", "stable-diffusion"],
-        base_model=base if base and "/" in base else None,
+        base_model=base if base and "/" in base and not Path(base).exists() else None,  # hub ids only
         **{CARD_KEY: card_data},
     )
     data = card_data.get("training_data")

@@ -36,6 +36,7 @@ from fc_pipeline.model.fuser import SubjectFuser
 from fc_pipeline.model.prompts import parse_subject_prompt
 from fc_pipeline.model.references import reference_pixels
 from fc_pipeline.profiles import SUBJECT_MARKER
+from fc_pipeline.storage import atomic_write
 
 SubjectImage = PIL.Image.Image | str | Path | bytes
 DEFAULT_MAX_SUBJECTS = 4
@@ -226,7 +227,8 @@ class FastComposerPipeline(DiffusionPipeline, StableDiffusionMixin):
             self.card_data = dict(card_data)
         super().save_pretrained(save_directory, variant=variant, max_shard_size=max_shard_size, **kwargs)
         card = render_model_card(self.card_data, type(self.scheduler).__name__ if self.scheduler else "none")
-        card.save(str(Path(save_directory) / "README.md"))
+        with atomic_write(Path(save_directory) / "README.md", "w", encoding="utf-8") as handle:
+            handle.write(str(card))
         if push_to_hub:
             from huggingface_hub import create_repo
 
