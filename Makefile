@@ -30,7 +30,7 @@ test: $(STAMP)
 PAPER_LOADING := fc_pipeline/pretrained.py,fc_pipeline/profiles.py,fc_pipeline/model/components.py
 PAPER_LOADING := $(PAPER_LOADING),fc_pipeline/data/captioning.py,fc_pipeline/data/segmentation.py
 PAPER_LOADING := $(PAPER_LOADING),fc_pipeline/data/matching.py,fc_pipeline/evaluation/faces.py
-PAPER_LOADING := $(PAPER_LOADING),fc_pipeline/evaluation/prompt_consistency.py
+PAPER_LOADING := $(PAPER_LOADING),fc_pipeline/evaluation/prompt_consistency.py,assets/resources.py
 coverage-paper: $(STAMP)
 	$(BIN)/python -m coverage run --data-file=.coverage.paper -m pytest -q -p no:cacheprovider tests/paper
 	$(BIN)/python -m coverage report --data-file=.coverage.paper --show-missing --include='$(PAPER_LOADING)'

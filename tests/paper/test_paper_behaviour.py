@@ -141,10 +141,13 @@ def test_fastcomposer_components_sd15_folder_and_clip_l14(paper_store, monkeypat
     assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size * pipe.vae_scale_factor == 512
 
 
-def test_prompt_clip_l14_224px_77_tokens(paper_store, photo):
+def test_prompt_clip_l14_224px_77_tokens(model_store, photo):
+    from assets.resources import EvaluatorResource
     from fc_pipeline.evaluation.prompt_consistency import PromptConsistency
 
-    scorer = PromptConsistency("paper")
+    # through the Dagster resource, its models_dir naming the store
+    scorer = EvaluatorResource(profile="paper", models_dir=str(model_store), device="cpu").prompt_scorer()
+    assert isinstance(scorer, PromptConsistency)
     processor = scorer.image_processor
     assert (
         processor.size["shortest_edge"] == 224 and processor.crop_size["height"] == processor.crop_size["width"] == 224
@@ -157,11 +160,13 @@ def test_prompt_clip_l14_224px_77_tokens(paper_store, photo):
 
 
 def test_facenet_vggface2_160px_crops(paper_store, faces_dir):
+    from assets.resources import EvaluatorResource
     from fc_pipeline.evaluation.faces import FACE_SIZE, FaceScorer, TorchFaceNetEmbedder
     from fc_pipeline.profiles import get_profile
 
     assert get_profile("paper").facenet == str(paper_store / "facenet-pytorch/20180402-114759-vggface2.pt")
-    scorer = FaceScorer("paper")
+    scorer = EvaluatorResource(profile="paper", models_dir=str(paper_store), device="cpu").face_scorer()
+    assert isinstance(scorer, FaceScorer)
     assert isinstance(scorer.embedder, TorchFaceNetEmbedder) and scorer.embedder.name.endswith("vggface2.pt")
     assert scorer.detector.mtcnn.image_size == FACE_SIZE == 160
     photo = Image.open(next((faces_dir / "subjects").iterdir()) / "1.jpg").convert("RGB")
