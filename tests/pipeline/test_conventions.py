@@ -59,9 +59,11 @@ def test_cfg_cutoff_before_the_subject_switch(pipe, subject_paths):
             alpha=0.5,
             callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0),
             output_type="latent",
+            return_attention_maps=True,
             **SMALL,
         )
     assert [e.shape[0] for e in inputs.embeds] == [2, 1, 1, 1], "guidance is off after step 0"
+    assert out.attention_maps[0].shape == (2, 16, 16) and np.isfinite(out.attention_maps[0]).all()
     start = subject_conditioning_start(4, 0.5)
     assert torch.equal(inputs.embeds[1], inputs.embeds[0][-1:])
     assert not torch.equal(inputs.embeds[start], inputs.embeds[1]), "the subjects still switch in"
@@ -198,6 +200,12 @@ def test_prompt_embeds_with_subjects_need_the_subject_tokens(pipe, subject_paths
         pipe(prompt_embeds=embeds, **call)
     with pytest.raises(ValueError, match="not both"):
         pipe(PROMPT, prompt_embeds=embeds, **call)
+
+
+def test_custom_timesteps_equal_stable_diffusion(pipe, make_stable_diffusion):
+    call = dict(timesteps=[901, 601, 301, 1], height=32, width=32, guidance_scale=5.0, output_type="np")
+    ours = pipe(TEXT, generator=seeded(), **call).images
+    assert np.abs(ours - make_stable_diffusion()(TEXT, generator=seeded(), **call).images).max() == 0.0
 
 
 def test_one_flat_subject_list_serves_every_prompt(pipe, subject_paths):
