@@ -215,8 +215,8 @@ def corpus_images(
     context.log.info(f"scanning {source}")
     table = scan_corpus(source, previous=previous)
     unchanged = previous is not None and previous.equals(table)
-    if not unchanged:
-        with locked_output(output):
+    with locked_output(output):  # one writer; clears the temp files of a killed one
+        if not unchanged:
             write_parquet(table, output)
     known = set() if previous is None else set(previous.column("id").to_pylist())
     new_ids = set(table.column("id").to_pylist()) - known

@@ -179,6 +179,7 @@ def _add_train_settings(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from fc_pipeline.locks import WriterLockHeld
     from fc_pipeline.training.train import TrainConfig, train
 
     overrides = given(args, TrainConfig, args.flags)
@@ -197,6 +198,8 @@ def _run_train(args: argparse.Namespace) -> int:
     except SettingError:
         raise
     except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"train: {exc}") from None
+    except (WriterLockHeld, OSError) as exc:  # another run of the folder, a full or read-only disk
         raise SystemExit(f"train: {exc}") from None
     print(f"{result.steps} steps: loss {result.loss:.4f} (L_noise {result.l_noise:.4f}, L_loc {result.l_loc:.4g})")
     print(f"checkpoint: {result.checkpoint}")

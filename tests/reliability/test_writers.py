@@ -96,6 +96,8 @@ def test_every_entry_point_takes_the_lock(tmp_path, hold, corpus, reference, reb
     hold(run)
     with pytest.raises(WriterLockHeld, match=f"{run} is being written by another training run"):
         train(TrainConfig.tiny(str(reference[0] / "shards"), str(run)))
+    with pytest.raises(SystemExit, match=f"^train: {run} is being written by another training run"):
+        main(["train", "--shards", str(reference[0] / "shards"), "--out", str(run)])
 
 
 @pytest.mark.parametrize("sizes", [(1, 20), (2, 2)], ids=["different-shard-sizes", "equal-settings"])
