@@ -26,11 +26,17 @@ def _members(hint: Any) -> tuple:
     return typing.get_args(hint) if union else (hint,)
 
 
-def _dagster_type(hint: Any) -> Any:
-    """The type Dagster config understands: ``tuple[X, ...]`` -> ``list[X]`` (also inside ``| None``)."""
+def _dagster_type(hint: Any, choices: tuple | None = None) -> Any:
+    """The type Dagster config understands: ``tuple[X, ...]`` -> ``list[X]``, a closed set of
+    ``choices`` -> ``Literal`` (an enum in the launchpad, checked when a run is launched); also
+    inside ``| None``."""
     members = _members(hint)
     if len(members) > 1:
-        return typing.Union[tuple(_dagster_type(m) for m in members)]  # noqa: UP007 (built from a list)
+        return typing.Union[tuple(_dagster_type(m, choices) for m in members)]  # noqa: UP007 (built from a list)
+    if hint is type(None):
+        return hint
+    if choices is not None:
+        return typing.Literal[choices]
     if typing.get_origin(hint) is tuple:
         return list[typing.get_args(hint)[0]]
     return hint
@@ -63,7 +69,7 @@ def config_class(
             raise ValueError(f"{settings.__name__}.{field.name} has no default; exclude it from {name}")
         default = list(default) if isinstance(default, tuple) else default
         fields[rename.get(field.name, field.name)] = (
-            _dagster_type(hints[field.name]),
+            _dagster_type(hints[field.name], field.metadata.get("choices")),
             Field(default=default, description=describe(field)),
         )
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+import assets
 from assets import dataset
 from assets.evaluation import EvaluationReportConfig
 from assets.resources import CaptionerResource, DatasetStore, SegmenterResource, default_resources
@@ -128,6 +129,12 @@ def test_library_and_dagster_reject_bad_values_up_front(tmp_path):
         TrainingConfig(max_steps=0)
     with pytest.raises(ValueError, match="val_fraction must be <= 1"):
         dataset.ShardsConfig(val_fraction=2.0)
+    # a closed set of choices is an enum of the Dagster schema: refused when the run is launched
+    job = dg.define_asset_job("train", selection=["fastcomposer_checkpoint"]).resolve(
+        asset_graph=assets.defs.resolve_asset_graph()
+    )
+    with pytest.raises(dg.DagsterInvalidConfigError, match="not in enum type"):
+        dg.validate_run_config(job, {"ops": {"fastcomposer_checkpoint": {"config": {"profile": "huge"}}}})
 
 
 def test_a_bad_step_config_fails_the_run_before_its_first_step_computes(tmp_path):
