@@ -363,7 +363,9 @@ def _add_evaluation_settings(p: argparse.ArgumentParser) -> None:
 
     aliases = {"prompt_sets": "--prompt-set", "alphas": "--alpha", "num_inference_steps": "--steps"}
     p.set_defaults(flags=add_arguments(p, EvaluationConfig, aliases=aliases))
-    p.add_argument("--no-baseline", dest="text_only_baseline", action="store_false", help="--no-text-only-baseline")
+    p.add_argument(
+        "--no-baseline", dest="text_only_baseline", action="store_false", help="same as --no-text-only-baseline"
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
