@@ -388,7 +388,13 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
     from fc_pipeline.model.references import ReferenceAugmentation
     from fc_pipeline.pretrained import check_step_memory
     from fc_pipeline.profiles import get_profile
-    from fc_pipeline.training.samples import DataPosition, SamplingConfig, TrainingSamples, collate_samples
+    from fc_pipeline.training.samples import (
+        SamplingConfig,
+        TrainingSamples,
+        collate_samples,
+        data_state,
+        read_data_state,
+    )
 
     log = log or (lambda message: None)
     output_dir = Path(config.output_dir)
@@ -409,10 +415,10 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
     check_step_memory("train", profile, accelerator.device, batch=config.train_batch_size, resolution=config.resolution)
     urls = train_shard_urls(config.shards)
     resume_from = latest_checkpoint(output_dir) if config.resume else None
-    step, position = 0, DataPosition()
+    step, positions, phase = 0, {}, 0  # each loader stream's last consumed sample; see TrainingSamples
     if resume_from is not None:
         saved = json.loads((resume_from / STATE_DIR / TRAINER_STATE).read_text())
-        step, position = saved["step"], DataPosition(**saved["position"])
+        step, (positions, phase) = saved["step"], read_data_state(saved)
         log(f"resuming from {resume_from} (step {step})")
     # a resumed run takes every weight from its checkpoint (safetensors), the rest from the state
     components = load_components(profile, pretrained=resume_from or config.pretrained)
@@ -443,10 +449,12 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
         components["tokenizer"],
         sampling,
         seed=config.seed,
-        start=position,
+        start=positions,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        phase=phase,
     )
+    workers = max(config.num_workers, 1)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,
@@ -499,7 +507,8 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
             optimizer.zero_grad(set_to_none=True)
         for key in running:
             running[key] += losses[key].detach().float().item() / config.gradient_accumulation_steps
-        position = batch["position"][-1]
+        positions[batch["stream"][-1]] = batch["position"][-1]  # a batch comes from one stream
+        phase = (phase + 1) % workers  # DataLoader workers deliver batches in turn
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -522,7 +531,9 @@ def _train(config: TrainConfig, log: Callable[[str], None] | None) -> TrainResul
         progress.update(1)
         progress.set_postfix(loss=f"{averaged['loss']:.4f}", l_loc=f"{averaged['l_loc']:.4f}")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            trainer_state = {"step": step, "position": position.as_dict(), "config": dataclasses.asdict(config)}
+            every_rank = gather_object([positions]) if accelerator.num_processes > 1 else [positions]
+            merged = {stream: position for ranks in every_rank for stream, position in ranks.items()}
+            trainer_state = {"step": step, "data": data_state(merged, phase), "config": dataclasses.asdict(config)}
             checkpoint = _save_checkpoint(
                 accelerator, models, optimizer, output_dir, step, trainer_state, config.keep_checkpoints
             )
