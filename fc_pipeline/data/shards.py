@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from fc_pipeline.data import batches
 from fc_pipeline.data.segmentation import read_id_map
 from fc_pipeline.images import ImageError, load_image
-from fc_pipeline.locks import remove_temp_files, writer_lock
+from fc_pipeline.locks import WriterLockHeld, remove_temp_files, writer_lock
 from fc_pipeline.storage import atomic_write, write_json, write_parquet
 
 logger = logging.getLogger(__name__)
@@ -338,8 +338,9 @@ def verify_shards(shards_dir: str | Path) -> dict:
         expected = json.loads(stats_path.read_text())["samples"]
         if counts[split] != expected:
             problems.append(f"{split}: {counts[split]} samples read, {expected} expected")
-    if verified != record:
-        write_json(verified, record_path)
+    if verified != record:  # a cache: skipped while a writer holds the folder (only a lock holder writes there)
+        with contextlib.suppress(WriterLockHeld), writer_lock(shards_dir, what="shard writer"):
+            write_json(verified, record_path)
     return {"counts": counts, "problems": problems, "decoded_shards": decoded, "reused_shards": reused}
 
 

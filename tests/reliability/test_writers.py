@@ -162,3 +162,23 @@ def test_two_dagster_materialisations_of_one_partition(tmp_path, corpus, referen
     assert sorted(ids) == sorted(sample_ids(reference[0]))
     assert evaluate_shards_readable(out / "shards").passed
     assert not temp_files(out)
+
+
+def test_shards_readable_fails_on_a_sample_in_two_shards(tmp_path, reference):
+    import shutil
+
+    from assets.checks import evaluate_shards_readable
+
+    shards = tmp_path / "shards"
+    shutil.copytree(reference[0] / "shards", shards)
+    assert evaluate_shards_readable(shards).passed
+    train = shards / "train"
+    for suffix in (".tar", ".parquet"):  # what two unserialised writers left: one sample twice
+        shutil.copy(train / f"00000{suffix}", train / f"00099{suffix}")
+    stats = json.loads((train / "_stats.json").read_text())
+    stats["samples"] += len(sample_ids(tmp_path)) - sum(s["samples"] for s in reference[1]["stats"].values())
+    (train / "_stats.json").write_text(json.dumps(stats))  # the counts agree: only the duplicates are wrong
+    result = evaluate_shards_readable(shards)
+    assert not result.passed
+    problems = result.metadata["problems"].value
+    assert problems and all("in more than one shard (train/00000.tar and train/00099.tar)" in p for p in problems)
