@@ -92,6 +92,24 @@ def test_legacy_flags_still_parse():
     assert args.text_only_baseline is False
 
 
+def test_every_generation_setting_is_a_flag_and_a_jobs_field(tmp_path, capsys):
+    from fc_pipeline.cli.generation import GenerationJob
+
+    assert set(cli_flags("generate", "--checkpoint", "c", "--prompt", "p")) == names(GenerationJob) - {
+        "prompt",
+        "out",
+        "subjects",
+    }
+    out = tmp_path / "o.png"
+    argv = ["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "a man", "--out", str(out)]
+    assert main([*argv, "--alpha", "1.2"]) == 2  # refused before the checkpoint is even looked at
+    assert "alpha must be <= 1, got 1.2" in capsys.readouterr().err and not out.exists()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a man", "out": "x.png", "steps": 0}\n')
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--jobs", str(jobs)]) == 2
+    assert f"{jobs}:1: steps must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

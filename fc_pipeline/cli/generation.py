@@ -24,7 +24,7 @@ from fc_pipeline.images import ImageError, load_image
 from fc_pipeline.model.components import COMPONENT_NAMES
 from fc_pipeline.pretrained import MemoryPlanError, check_checkpoint_memory
 from fc_pipeline.schedulers import scheduler_class, with_scheduler
-from fc_pipeline.settings import torch_dtype
+from fc_pipeline.settings import SettingError, setting, torch_dtype, validate
 from fc_pipeline.storage import atomic_write
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -36,21 +36,29 @@ class JobError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """One prompt with its reference photos and sampling settings."""
+    """One prompt with its reference photos and sampling settings; each setting declared once here
+    (the ``generate`` flags and the jsonl fields derive from these fields)."""
 
-    prompt: str
-    out: Path
-    subjects: tuple[Path, ...] = ()
-    seed: int = 0
-    alpha: float = 0.7
-    steps: int = 50
-    guidance_scale: float = 5.0
-    negative_prompt: str | None = None
-    num_images: int = 1
-    height: int | None = None
-    width: int | None = None
-    save_attention: bool = False
-    truncate: bool = False  # cut a prompt over the text encoder's token limit (with a warning) instead of failing
+    prompt: str = setting(help="The prompt; mark each subject with <|image|> right after its noun.")
+    out: Path = setting(help="Output image (.png/.jpg/.webp); several images get _0, _1, ...")
+    subjects: tuple[Path, ...] = setting((), "Reference photos, one per marker, in order.")
+    seed: int = setting(0, "Random seed.", min=0)
+    alpha: float = setting(
+        0.7, "Fraction of the steps, at the end, conditioned on the subjects.", paper="0.6–0.8", min=0, max=1
+    )
+    steps: int = setting(50, "Denoising steps.", paper=50, min=1)
+    guidance_scale: float = setting(5.0, "Classifier-free guidance scale.", paper=5.0, min=0)
+    negative_prompt: str | None = setting(None, "What the image should not show.")
+    num_images: int = setting(1, "Images per prompt.", min=1)
+    height: int | None = setting(None, "Image height; empty: the model's resolution.", min=8)
+    width: int | None = setting(None, "Image width; empty: the model's resolution.", min=8)
+    save_attention: bool = setting(False, "Also write <out>.attention.png/.npy: the subject tokens' attention maps.")
+    truncate: bool = setting(
+        False, "Cut a prompt over the text encoder's 77 tokens (with a warning) instead of failing."
+    )
+
+    def __post_init__(self):
+        validate(self)
 
     def output_paths(self) -> list[Path]:
         """``out`` itself for one image, else ``<stem>_<k><suffix>`` per image."""
@@ -84,7 +92,7 @@ def make_job(fields: dict[str, Any], base_dir: Path | None = None, where: str = 
         job = GenerationJob(
             **{**fields, "out": resolve(fields["out"]), "subjects": tuple(resolve(s) for s in subjects)}
         )
-    except TypeError as exc:
+    except (TypeError, SettingError) as exc:
         raise JobError(f"{where}: {exc}") from None
     if job.out.suffix.lower() not in IMAGE_FORMATS:
         raise JobError(f"{where}: output {job.out} must end in one of {sorted(IMAGE_FORMATS)}")

@@ -216,10 +216,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         epilog='example: fc-pipeline generate --checkpoint ckpt --prompt "a man <|image|> and a woman <|image|> '
         'on the beach" --subject a.jpg --subject b.jpg --alpha 0.7 --steps 50 --seed 0 --out out.png\n'
         "batch: fc-pipeline generate --checkpoint ckpt --jobs jobs.jsonl   (one JSON object per line with "
-        "prompt, out (both required), subjects, seed, alpha, steps, guidance_scale, negative_prompt, "
-        "num_images, height, width, "
-        "save_attention, truncate; missing fields take the command-line values, paths are relative to the "
-        "jsonl file)",
+        "prompt and out (both required), subjects, and any sampling setting below by its field name, e.g. "
+        "guidance_scale; missing fields take the command-line values, paths are relative to the jsonl file)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -238,60 +236,39 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="out.png", help="output image (.png/.jpg/.webp; several images get _0, _1, ...) [%(default)s]"
     )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=0.7,
-        help="fraction of the steps, at the end, conditioned on the subjects [%(default)s]",
-    )
-    p.add_argument("--steps", type=int, default=50, help="denoising steps [%(default)s]")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale [%(default)s]")
-    p.add_argument("--negative-prompt", default=None, help="what the image should not show")
-    p.add_argument("--seed", type=int, default=0, help="random seed [%(default)s]")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt [%(default)s]")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's resolution)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's resolution)")
     p.add_argument("--device", default=None, help="torch device [cuda if available, else cpu]")
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype [%(default)s]"
-    )
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="model dtype [%(default)s]")
     p.add_argument("--offload", action="store_true", help="model CPU offload: each model on the GPU only while it runs")
     p.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image pays for it)")
-    p.add_argument(
-        "--save-attention",
-        action="store_true",
-        help="also write <out>.attention.png/.npy: the subject tokens' attention maps",
-    )
     p.add_argument(
         "--scheduler",
         metavar="NAME",
         help=f"sampler: {', '.join(SCHEDULERS)} or a diffusers scheduler class "
         "(default: the checkpoint's; checkpoints ship SD 1.5's PNDM)",
     )
-    p.add_argument(
-        "--truncate",
-        action="store_true",
-        help="cut a prompt over the text encoder's 77 tokens (with a warning) instead of failing",
-    )
+    p.defer(_add_generation_settings)
     p.set_defaults(func=_run_generate)
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    from fc_pipeline.cli.generation import JobError, load_pipeline, load_subject_images, make_job, read_jobs, run_job
+def _add_generation_settings(p: argparse.ArgumentParser) -> None:
+    from fc_pipeline.cli.generation import GenerationJob
 
-    settings = dict(
-        seed=args.seed,
-        alpha=args.alpha,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        num_images=args.num_images,
-        height=args.height,
-        width=args.width,
-        save_attention=args.save_attention,
-        truncate=args.truncate,
+    p.set_defaults(flags=add_arguments(p, GenerationJob, exclude=("prompt", "out", "subjects")))
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from fc_pipeline.cli.generation import (
+        GenerationJob,
+        JobError,
+        load_pipeline,
+        load_subject_images,
+        make_job,
+        read_jobs,
+        run_job,
     )
+
+    settings = given(args, GenerationJob, args.flags)
     try:
         if args.jobs:
             if args.subject:
