@@ -77,8 +77,14 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output sharing an input's storage (a view, an alias of a weight, an in-place result) is no new memory
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in self.live:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.untyped_storage().data_ptr() not in inputs
+                and tensor.untyped_storage() not in self.live
+            ):
                 storage = tensor.untyped_storage()
                 self.live[storage] = storage.nbytes()
                 self.current += storage.nbytes()
