@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fc-pipeline demo
 
+# two workers over the two cores; tests of one file share a worker (and its session fixtures)
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # what the dress rehearsal (tests/paper: the paper profile on a store of stand-in models) runs of the
 # modules that load and preprocess for the paper profile; the lines it cannot run are listed in the README

@@ -20,3 +20,10 @@ def faces_dir() -> Path:
     if not FACES_DIR.exists():
         pytest.fail(f"test photos missing: {FACES_DIR} (clone with ../shared beside the repo)")
     return FACES_DIR
+
+
+@pytest.fixture(autouse=True)
+def no_model_store(monkeypatch):
+    """Each test starts without ``$FC_PIPELINE_MODELS``; one that sets it (``fc-pipeline --models``
+    exports it for the training subprocess) does not leak it into the next test."""
+    monkeypatch.delenv("FC_PIPELINE_MODELS", raising=False)
