@@ -26,11 +26,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fc_pipeline.model.components import build_component, build_fuser, clip_image_processor, load_components
 from fc_pipeline.profiles import ModelProfile, get_profile, offline_clip_tokenizer_dir, paper_config
+from fc_pipeline.settings import DTYPE_NAMES, torch_dtype
 from fc_pipeline.storage import write_json
 
 diffusers_logging.set_verbosity_error()  # casting random models warns about fp32-only modules they lack
 SIZES = ("tiny", "paper")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 MODELS = ("vae", "text_encoder", "unet", "image_encoder", "fuser")
 
 

@@ -192,6 +192,29 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
         text_cfg=dict(context_length=77, vocab_size=CLIP_VOCAB_SIZE, width=32, heads=2, layers=2),
     ),
+    # Evaluation: a stand-in for CLIP ViT-L/14 (transformers CLIPConfig), random weights from the profile seed.
+    "prompt_clip": dict(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            vocab_size=CLIP_VOCAB_SIZE,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=32,
+        ),
+        projection_dim=32,
+    ),
 }
 
 

@@ -197,9 +197,7 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(config, log=lambda message: print(message, file=sys.stderr, flush=True))
     except SettingError:
         raise
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"train: {exc}") from None
-    except (WriterLockHeld, OSError) as exc:  # another run of the folder, a full or read-only disk
+    except (ValueError, OSError, WriterLockHeld) as exc:  # bad input, a full or read-only disk, a held run folder
         raise SystemExit(f"train: {exc}") from None
     print(f"{result.steps} steps: loss {result.loss:.4f} (L_noise {result.l_noise:.4f}, L_loc {result.l_loc:.4g})")
     print(f"checkpoint: {result.checkpoint}")

@@ -14,26 +14,6 @@ from fc_pipeline.profiles import PROFILES, SUBJECT_MARKER, ModelProfile, clip_to
 
 PAPER_PROMPT_CLIP = PROFILES["paper"].prompt_clip
 
-# Tiny stand-in for ViT-L/14: same architecture family, random weights from the profile seed.
-TINY_PROMPT_CLIP = dict(
-    text_config=dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        vocab_size=49408,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    ),
-    vision_config=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
-    ),
-    projection_dim=32,
-)
-
-
 # How reports mark a prompt-consistency number scored by the tiny profile's random CLIP.
 RANDOM_SCORER_NOTE = "random scorer — not meaningful"
 
@@ -60,7 +40,7 @@ class PromptConsistency:
         self.random = self.profile.tiny
         if self.profile.tiny:
             torch.manual_seed(self.profile.seed)
-            self.model = CLIPModel(CLIPConfig(**TINY_PROMPT_CLIP))
+            self.model = CLIPModel(CLIPConfig(**self.profile.tiny_configs["prompt_clip"]))
             self.tokenizer = clip_tokenizer(self.profile)
             self.image_processor = CLIPImageProcessor(
                 size={"shortest_edge": 224},
