@@ -14,7 +14,8 @@ generator seeded by ``(seed, epoch, shard, sample)``), and resumable from a ``Da
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,28 +212,22 @@ class TrainingSamples(torch.utils.data.IterableDataset):
 
         order = self.shard_order(epoch)
         start = self.start.get(index, DataPosition())
-        if len(order) >= count:  # whole shards per stream
-            for shard in range(index, len(order), count):
-                if (epoch, shard) < (start.epoch, start.shard):
-                    continue
+
+        def members(shards: Iterable[int]) -> Iterator[tuple[DataPosition, dict]]:
+            for shard in shards:
                 for number, raw in enumerate(read_raw_samples(order[shard])):
                     yield DataPosition(epoch, shard, number), raw
+
+        if len(order) >= count:  # whole shards per stream; those before the resume point stay unread
+            yield from members(s for s in range(index, len(order), count) if (epoch, s) >= (start.epoch, start.shard))
             return
         # fewer shards than streams: split the epoch's samples on raw members, before any decode
-        seen = 0
-        for shard, url in enumerate(order):
-            for number, raw in enumerate(read_raw_samples(url)):
-                if seen % count == index:
-                    yield DataPosition(epoch, shard, number), raw
-                seen += 1
-        if 0 < seen <= index:  # fewer samples than streams: this stream repeats one
-            wanted, seen = index % seen, 0
-            for shard, url in enumerate(order):
-                for number, raw in enumerate(read_raw_samples(url)):
-                    if seen == wanted:
-                        yield DataPosition(epoch, shard, number), raw
-                        return
-                    seen += 1
+        total = 0
+        for total, (position, raw) in enumerate(members(range(len(order))), start=1):
+            if (total - 1) % count == index:
+                yield position, raw
+        if 0 < total <= index:  # fewer samples than streams: this stream repeats one
+            yield next(itertools.islice(members(range(len(order))), index % total, None))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from fc_pipeline.data.shards import decode_sample
