@@ -23,8 +23,8 @@ defs = dg.Definitions(
     sensors=[corpus_sensor, train_on_new_samples],
     schedules=[nightly_dataset_refresh],
     resources=default_resources(),
-    # Default: one process per run, so a model resource loads once and serves every step (model
-    # steps are serialised by the `gpu` pool anyway). FC_PIPELINE_EXECUTOR=k8s runs each step in
-    # its own pod (docs/deploy-k8s.md).
+    # Default: one process per run (model steps are serialised by the `gpu` pool anyway; each model
+    # resource loads its model for a step and releases it after). FC_PIPELINE_EXECUTOR=k8s runs
+    # each step in its own pod (docs/deploy-k8s.md).
     executor=executor_from_env(),
 )
