@@ -3,12 +3,14 @@
 corpus_images -> captions -> noun_phrases ─┐
              └-> panoptic_segments ────────┴-> subject_matches -> training_shards
 
-Every asset is partitioned by corpus (:mod:`assets.partitions`) and is one call into
-:mod:`fc_pipeline.data`; its table is written as parquet under the corpus's dataset dir (see
-:class:`~assets.resources.DatasetStore`) and downstream assets read it from there, so nothing is
-pickled. Steps are incremental: a re-run computes only the images whose inputs or settings changed
-(:func:`fc_pipeline.data.incremental.update_table`; metadata ``computed``/``reused``, ``status:
-cached`` when nothing was new) and ``training_shards`` appends new shards.
+Every asset is partitioned by corpus (:mod:`assets.partitions`) and calls :mod:`fc_pipeline.data`.
+The five per-image steps are graph-backed assets whose work fans out over chunks of the corpus
+(:mod:`assets.chunked`; one chunk unless the ``store`` resource says more). Each step's table is
+written as parquet under the corpus's dataset dir (see :class:`~assets.resources.DatasetStore`)
+and downstream assets read it from there, so nothing is pickled. Steps are incremental: a re-run
+computes only the images whose inputs or settings changed (:mod:`fc_pipeline.data.incremental`;
+metadata ``computed``/``reused``, ``status: cached`` when nothing was new) and ``training_shards``
+appends new shards.
 """
 
 import hashlib
@@ -16,6 +18,7 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -32,10 +35,10 @@ from fc_pipeline.images import load_image
 from fc_pipeline.profiles import get_profile
 from fc_pipeline.storage import read_parquet, write_parquet
 
-from .deployment import GPU_OP_TAGS
+from .chunked import Chunk, MergeResult, chunked_graph
 from .metadata import caption_examples, contact_sheet, failure_counts, markdown_table, overlay_segments, save_preview
 from .partitions import corpus_partitions
-from .resources import GPU_POOL, CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
+from .resources import CaptionerResource, DatasetStore, MatcherResource, SegmenterResource
 from .settings import STEP_CONFIGS, check_run_config, config_class
 
 GROUP = "dataset"
@@ -49,6 +52,7 @@ PHRASES = "phrases.parquet"
 MATCHES = "matches.parquet"
 SHARDS = "shards"
 PREVIEWS = "previews"
+LISTING = "images.listing.parquet"  # the files to scan, while corpus_images runs
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -112,59 +116,77 @@ def read_inputs(store: DatasetStore, corpus: str, *names: str) -> list[pa.Table]
     return [read_parquet(p) for p in paths]
 
 
-def update_step(
-    output: Path, inputs: list[pa.Table], settings: dict, compute: Callable[..., pa.Table], **options
-) -> tuple[pa.Table, dict]:
-    """Bring a step's table up to date (only images it has not seen are computed); the table and
-    the counts for the asset's metadata. ``options``: see :func:`~fc_pipeline.data.incremental.update_table`."""
-    from fc_pipeline.data.incremental import update_table
-
-    update = update_table(output, inputs, settings, compute, **options)
-    return update.table, {
-        "status": update.status,
-        "computed": update.computed,
-        "reused": update.reused,
-        "dropped": update.dropped,
-    }
-
-
 def _resource_settings(resource: dg.ConfigurableResource) -> dict:
     return {name: getattr(resource, name) for name in type(resource).model_fields}
 
 
-def _result(
-    context: dg.AssetExecutionContext, *, status: str, rows: int, failures: dict, path: Path, version: str, **metadata
-) -> dg.MaterializeResult:
-    context.log.info(
-        f"{context.asset_key.to_user_string()}[{context.partition_key}]: {status}, {rows} rows, "
-        f"failures {failures or 'none'}"
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "corpus": context.partition_key,
-            "status": status,
-            "rows": rows,
-            "failed": sum(failures.values()),
-            "failures_by_reason": dg.MetadataValue.json(failures),
-            "path": dg.MetadataValue.path(str(path)),
-            **metadata,
-        },
-        data_version=dg.DataVersion(version[:16]),
-    )
+def _metadata(
+    context: dg.OpExecutionContext, *, status: str, rows: int, failures: dict, path: Path, **metadata
+) -> dict[str, Any]:
+    """The metadata every dataset asset reports (and a log line of it)."""
+    name = context.asset_key.to_user_string()
+    context.log.info(f"{name}[{context.partition_key}]: {status}, {rows} rows, failures {failures or 'none'}")
+    return {
+        "corpus": context.partition_key,
+        "status": status,
+        "rows": rows,
+        "failed": sum(failures.values()),
+        "failures_by_reason": dg.MetadataValue.json(failures),
+        "path": dg.MetadataValue.path(str(path)),
+        **metadata,
+    }
 
 
-def _table_result(
-    context: dg.AssetExecutionContext, table: pa.Table, output: Path, counts: dict, **metadata
-) -> dg.MaterializeResult:
-    return _result(
+def update_chunk_of(
+    context: dg.OpExecutionContext,
+    part: Chunk,
+    output: str,
+    inputs: tuple[str, ...],
+    settings: dict,
+    compute: Callable[..., pa.Table],
+    **options,
+) -> dict[str, int]:
+    """Bring one chunk of the corpus's step table ``output`` up to date from the tables ``inputs``;
+    the counts for the chunk step's metadata. ``options``: see :func:`~fc_pipeline.data.chunks.update_chunk`."""
+    from fc_pipeline.data.chunks import update_chunk
+
+    store, corpus = context.resources.store, context.partition_key
+    update = update_chunk(
+        store.path(corpus, output),
+        read_inputs(store, corpus, *inputs),
+        settings,
+        compute,
+        chunk=part.index,
+        chunks=part.count,
+        **options,
+    )
+    return {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
+
+
+def merge_table(
+    context: dg.OpExecutionContext, chunks: int, output: str, primary: str, **metadata: Any
+) -> tuple[pa.Table, MergeResult]:
+    """Merge the chunks of the corpus's step table ``output`` (rows in the order of its first input
+    ``primary``): the table, and the asset's metadata (counts, failures, ``metadata``) and data version."""
+    from fc_pipeline.data.chunks import merge_chunks
+
+    store, corpus = context.resources.store, context.partition_key
+    (first,) = read_inputs(store, corpus, primary)
+    path = store.path(corpus, output)
+    update = merge_chunks(path, first.column("id").to_pylist(), chunks)
+    result = _metadata(
         context,
-        rows=table.num_rows,
-        failures=failure_counts(table),
-        path=output,
-        version=file_digest(output),
-        **counts,
+        status=update.status,
+        rows=update.table.num_rows,
+        failures=failure_counts(update.table),
+        path=path,
+        computed=update.computed,
+        reused=update.reused,
+        dropped=update.dropped,
+        chunks=chunks,
         **metadata,
     )
+    return update.table, MergeResult(result, file_digest(path))
 
 
 def _preview(store: DatasetStore, corpus: str, name: str, pictures: list[Image.Image]) -> dict:
@@ -187,120 +209,178 @@ def _segment_overlays(corpus: pa.Table, segments: pa.Table, chosen: dict[str, li
 
 # --- assets -----------------------------------------------------------------------------------
 DATASET_ASSET = {"group_name": GROUP, "partitions_def": corpus_partitions}
-MODEL_STEP = {**DATASET_ASSET, "pool": GPU_POOL, "op_tags": GPU_OP_TAGS}
 
 
-@dg.asset(**DATASET_ASSET, kinds={"parquet"})
-def corpus_images(
-    context: dg.AssetExecutionContext, config: CorpusImagesConfig, store: DatasetStore
-) -> dg.MaterializeResult:
-    """Every image of the corpus, once (id = sha256 prefix of its bytes), with the caption and
-    panoptic annotation the corpus provides and a reason code for files that cannot be read.
-    Files already scanned keep their decode result; only new files are decoded."""
-    from fc_pipeline.data.corpora import corpus_signature
-    from fc_pipeline.data.corpus import scan_corpus
+# corpus_images: the listing, then each chunk hashes and decodes its files, then duplicates collapse
+def _corpus_source(context: dg.OpExecutionContext, config: CorpusImagesConfig) -> Path:
+    store, corpus = context.resources.store, context.partition_key
+    return Path(config.source) if config.source else store.source(corpus)
+
+
+def _list_corpus(context: dg.OpExecutionContext, config: CorpusImagesConfig) -> None:
+    from fc_pipeline.data.corpus import list_corpus
     from fc_pipeline.locks import locked_output
 
-    check_run_config(context)
-    corpus = context.partition_key
-    source = Path(config.source) if config.source else store.source(corpus)
+    store, corpus = context.resources.store, context.partition_key
+    source = _corpus_source(context, config)
     if not config.source and corpus == DEMO_CORPUS:
         context.log.info(f"drawing the demo corpus ({config.demo_images} files) into {source}")
         make_demo_corpus(source, n=config.demo_images)
     if not source.exists():
         raise dg.Failure(f"corpus {corpus!r} not found: no folder or manifest at {source}")
+    context.log.info(f"listing {source}")
+    try:
+        entries = list_corpus(source)
+    except ValueError as exc:  # a bad manifest
+        raise dg.Failure(str(exc)) from None
+    listing = store.path(corpus, LISTING)
+    with locked_output(listing):
+        write_parquet(entries, listing)
+
+
+def _scan_chunk(context: dg.OpExecutionContext, config: CorpusImagesConfig, part: Chunk) -> dict[str, int]:
+    from fc_pipeline.data.chunks import chunk_path, chunk_rows
+    from fc_pipeline.data.corpus import scan_files
+    from fc_pipeline.locks import locked_output
+
+    store, corpus = context.resources.store, context.partition_key
+    entries = chunk_rows(read_parquet(store.path(corpus, LISTING)), part.index, part.count, key="path")
     output = store.path(corpus, IMAGES)
-    previous = read_parquet(output) if output.exists() else None
-    signature = corpus_signature(source)
-    context.log.info(f"scanning {source}")
-    table = scan_corpus(source, previous=previous)
-    unchanged = previous is not None and previous.equals(table)
+    files = scan_files(entries, previous=read_parquet(output) if output.exists() else None)
+    path = chunk_path(output, part.index, part.count)
+    with locked_output(path):
+        write_parquet(files, path)
+    return {"files": files.num_rows, "unreadable": files.num_rows - files.column("error").null_count}
+
+
+def _merge_scan(context: dg.OpExecutionContext, config: CorpusImagesConfig, chunks: int) -> MergeResult:
+    from fc_pipeline.data.chunks import read_chunks, remove_chunk_files
+    from fc_pipeline.data.corpora import corpus_signature
+    from fc_pipeline.data.corpus import collapse_duplicates
+    from fc_pipeline.locks import locked_output
+
+    store, corpus = context.resources.store, context.partition_key
+    source = _corpus_source(context, config)
+    output = store.path(corpus, IMAGES)
     with locked_output(output):  # one writer; clears the temp files of a killed one
+        table = collapse_duplicates(pa.concat_tables(read_chunks(output, chunks)))
+        previous = read_parquet(output) if output.exists() else None
+        unchanged = previous is not None and previous.equals(table)
         if not unchanged:
             write_parquet(table, output)
+        remove_chunk_files(output)
+        store.path(corpus, LISTING).unlink(missing_ok=True)
     known = set() if previous is None else set(previous.column("id").to_pylist())
     new_ids = set(table.column("id").to_pylist()) - known
     readable = table.filter(pc.is_null(table.column("error")))
     sample = [load_image(p) for p in readable.column("path").to_pylist()[:PREVIEW_IMAGES]]
-    return _table_result(
+    metadata = _metadata(
         context,
-        table,
-        output,
-        {
-            "status": "cached" if unchanged else "computed" if previous is None else "updated",
-            "new_images": len(new_ids),
-        },
+        status="cached" if unchanged else "computed" if previous is None else "updated",
+        rows=table.num_rows,
+        failures=failure_counts(table),
+        path=output,
+        new_images=len(new_ids),
+        chunks=chunks,
         source=dg.MetadataValue.path(str(source)),
-        source_signature=signature,
+        source_signature=corpus_signature(source),
         images=table.num_rows,
         readable=readable.num_rows,
         with_caption=table.num_rows - table.column("caption").null_count,
         with_annotation=table.num_rows - table.column("annotation").null_count,
         **_preview(store, corpus, "corpus_images", sample),
     )
+    return MergeResult(metadata, file_digest(output))
 
 
-@dg.asset(**MODEL_STEP, deps=[corpus_images], kinds={"pytorch", "parquet"})
-def captions(
-    context: dg.AssetExecutionContext, config: CaptionsConfig, store: DatasetStore, captioner: CaptionerResource
-) -> dg.MaterializeResult:
-    """A caption per image: the one the corpus provides, else BLIP-2's (model built only if needed)."""
+_scan = chunked_graph(
+    "corpus_images", CorpusImagesConfig, prepare=_list_corpus, run_chunk=_scan_chunk, merge=_merge_scan
+)
+
+
+@dg.graph_asset(**DATASET_ASSET, config=_scan.config, kinds={"parquet"})
+def corpus_images():
+    """Every image of the corpus, once (id = sha256 prefix of its bytes), with the caption and
+    panoptic annotation the corpus provides and a reason code for files that cannot be read.
+    Files already scanned keep their decode result; only new files are decoded."""
+    return _scan.compose()
+
+
+# captions
+def _caption_chunk(context: dg.OpExecutionContext, config: CaptionsConfig, part: Chunk) -> dict[str, int]:
     from fc_pipeline.data.captioning import caption_corpus
 
-    check_run_config(context)
-    corpus = context.partition_key
-    output = store.path(corpus, CAPTIONS)
+    captioner: CaptionerResource = context.resources.captioner
     with captioner.loaded() as load:
-        table, counts = update_step(
-            output,
-            read_inputs(store, corpus, IMAGES),
+        return update_chunk_of(
+            context,
+            part,
+            CAPTIONS,
+            (IMAGES,),
             {"captioner": _resource_settings(captioner)},
             lambda images: caption_corpus(images, load, batch_size=config.batch_size),
         )
+
+
+def _merge_captions(context: dg.OpExecutionContext, config: CaptionsConfig, chunks: int) -> MergeResult:
+    table, result = merge_table(context, chunks, CAPTIONS, IMAGES)
     sources = table.column("caption_source").to_pylist()
     rows = [r for r in table.to_pylist() if r["caption"]]
     examples = [r for r in rows if r["caption_source"] == "model"][:3] + [
         r for r in rows if r["caption_source"] == "provided"
     ][:3]
-    return _table_result(
-        context,
-        table,
-        output,
-        counts,
+    result.metadata.update(
         provided=sources.count("provided"),
         generated=sources.count("model"),
         examples=dg.MetadataValue.md(markdown_table(examples, ["id", "caption_source", "caption"])),
     )
+    return result
 
 
-@dg.asset(**MODEL_STEP, deps=[corpus_images], kinds={"pytorch", "parquet"})
-def panoptic_segments(
-    context: dg.AssetExecutionContext, config: SegmentsConfig, store: DatasetStore, segmenter: SegmenterResource
-) -> dg.MaterializeResult:
-    """Panoptic segments per image (Mask2Former, or the corpus's own annotation) and a 16-bit id map."""
+_captions = chunked_graph(
+    "captions",
+    CaptionsConfig,
+    after=[corpus_images],
+    run_chunk=_caption_chunk,
+    merge=_merge_captions,
+    resources=["captioner"],
+    gpu=True,
+)
+
+
+@dg.graph_asset(**DATASET_ASSET, ins=_captions.ins, config=_captions.config, kinds={"pytorch", "parquet"})
+def captions(corpus_images):
+    """A caption per image: the one the corpus provides, else BLIP-2's (model built only if needed)."""
+    return _captions.compose(corpus_images)
+
+
+# panoptic_segments
+def _segment_chunk(context: dg.OpExecutionContext, config: SegmentsConfig, part: Chunk) -> dict[str, int]:
     from fc_pipeline.data.segmentation import segment_corpus
 
-    check_run_config(context)
-    corpus = context.partition_key
-    output = store.path(corpus, SEGMENTS)
-    (images,) = read_inputs(store, corpus, IMAGES)
+    segmenter: SegmenterResource = context.resources.segmenter
+    maps = context.resources.store.path(context.partition_key, SEGMENT_MAPS)
     with segmenter.loaded() as load:
-        table, counts = update_step(
-            output,
-            [images],
+        return update_chunk_of(
+            context,
+            part,
+            SEGMENTS,
+            (IMAGES,),
             {"segmenter": _resource_settings(segmenter)},
-            lambda rows: segment_corpus(rows, load, store.path(corpus, SEGMENT_MAPS), batch_size=config.batch_size),
-            temp_dirs=[store.path(corpus, SEGMENT_MAPS)],
+            lambda rows: segment_corpus(rows, load, maps, batch_size=config.batch_size),
+            temp_dirs=[maps],
         )
+
+
+def _merge_segments(context: dg.OpExecutionContext, config: SegmentsConfig, chunks: int) -> MergeResult:
+    store, corpus = context.resources.store, context.partition_key
+    table, result = merge_table(context, chunks, SEGMENTS, IMAGES)
     per_image = {r["id"]: json.loads(r["segments"] or "[]") for r in table.to_pylist() if not r["error"]}
     labels = [s["label"] for segs in per_image.values() for s in segs]
     shown = {i: None for i, segs in per_image.items() if segs}
     sources = table.column("segment_source").to_pylist()
-    return _table_result(
-        context,
-        table,
-        output,
-        counts,
+    (images,) = read_inputs(store, corpus, IMAGES)
+    result.metadata.update(
         segments=len(labels),
         person_segments=labels.count("person"),
         provided=sources.count("provided"),
@@ -313,66 +393,90 @@ def panoptic_segments(
             _segment_overlays(images, table, dict(list(shown.items())[:PREVIEW_IMAGES])),
         ),
     )
+    return result
 
 
-@dg.asset(**DATASET_ASSET, deps=[captions], kinds={"spacy", "parquet"})
-def noun_phrases(context: dg.AssetExecutionContext, config: PhrasesConfig, store: DatasetStore) -> dg.MaterializeResult:
-    """Noun phrases of each caption (spaCy), numbered plurals expanded: "two women" -> "a woman and a woman"."""
+_segments = chunked_graph(
+    "panoptic_segments",
+    SegmentsConfig,
+    after=[corpus_images],
+    run_chunk=_segment_chunk,
+    merge=_merge_segments,
+    resources=["segmenter"],
+    gpu=True,
+)
+
+
+@dg.graph_asset(**DATASET_ASSET, ins=_segments.ins, config=_segments.config, kinds={"pytorch", "parquet"})
+def panoptic_segments(corpus_images):
+    """Panoptic segments per image (Mask2Former, or the corpus's own annotation) and a 16-bit id map."""
+    return _segments.compose(corpus_images)
+
+
+# noun_phrases
+def _phrase_chunk(context: dg.OpExecutionContext, config: PhrasesConfig, part: Chunk) -> dict[str, int]:
     from fc_pipeline.data.phrases import phrase_corpus
 
-    check_run_config(context)
-    corpus = context.partition_key
-    output = store.path(corpus, PHRASES)
     spacy_model = get_profile(config.profile).spacy
-    table, counts = update_step(
-        output,
-        read_inputs(store, corpus, CAPTIONS),
+    return update_chunk_of(
+        context,
+        part,
+        PHRASES,
+        (CAPTIONS,),
         {"spacy": spacy_model},
         lambda rows: phrase_corpus(rows, spacy_model=spacy_model, batch_size=config.batch_size),
     )
+
+
+def _merge_phrases(context: dg.OpExecutionContext, config: PhrasesConfig, chunks: int) -> MergeResult:
+    table, result = merge_table(context, chunks, PHRASES, CAPTIONS)
     rows = [r for r in table.to_pylist() if not r["error"]]
-    return _table_result(
-        context,
-        table,
-        output,
-        counts,
+    result.metadata.update(
         phrases=sum(len(json.loads(r["phrases"] or "[]")) for r in rows),
         expanded_captions=sum(r["caption"] != r["raw_caption"] for r in rows),
         examples=dg.MetadataValue.md(caption_examples(table)),
     )
+    return result
 
 
-@dg.asset(**MODEL_STEP, deps=[corpus_images, panoptic_segments, noun_phrases], kinds={"pytorch", "parquet"})
-def subject_matches(
-    context: dg.AssetExecutionContext, config: MatchesConfig, store: DatasetStore, matcher: MatcherResource
-) -> dg.MaterializeResult:
-    """Subjects per image: noun phrases matched one-to-one to ``person`` segments (CLIP × SBERT score)."""
+_phrases = chunked_graph("noun_phrases", PhrasesConfig, after=[captions], run_chunk=_phrase_chunk, merge=_merge_phrases)
+
+
+@dg.graph_asset(**DATASET_ASSET, ins=_phrases.ins, config=_phrases.config, kinds={"spacy", "parquet"})
+def noun_phrases(captions):
+    """Noun phrases of each caption (spaCy), numbered plurals expanded: "two women" -> "a woman and a woman"."""
+    return _phrases.compose(captions)
+
+
+# subject_matches
+def _match_chunk(context: dg.OpExecutionContext, config: MatchesConfig, part: Chunk) -> dict[str, int]:
     from fc_pipeline.data.matching import match_corpus
 
-    check_run_config(context)
-    corpus = context.partition_key
-    output = store.path(corpus, MATCHES)
-    images, segments, phrases = read_inputs(store, corpus, IMAGES, SEGMENTS, PHRASES)
+    matcher: MatcherResource = context.resources.matcher
     settings = {
         "matcher": _resource_settings(matcher),
         "threshold": config.threshold,
         "max_subjects": config.max_subjects,
     }
     with matcher.loaded() as load:
-        table, counts = update_step(
-            output,
-            [images, segments, phrases],
+        return update_chunk_of(
+            context,
+            part,
+            MATCHES,
+            (IMAGES, SEGMENTS, PHRASES),
             settings,
             lambda *rows: match_corpus(*rows, load, threshold=config.threshold, max_subjects=config.max_subjects),
         )
+
+
+def _merge_matches(context: dg.OpExecutionContext, config: MatchesConfig, chunks: int) -> MergeResult:
+    store, corpus = context.resources.store, context.partition_key
+    table, result = merge_table(context, chunks, MATCHES, IMAGES)
     subjects = {r["id"]: json.loads(r["subjects"] or "[]") for r in table.to_pylist() if not r["error"]}
     histogram = np.bincount([len(s) for s in subjects.values()], minlength=config.max_subjects + 1).tolist()
     shown = {i: [s["segment_id"] for s in subs] for i, subs in subjects.items() if subs}
-    return _table_result(
-        context,
-        table,
-        output,
-        counts,
+    images, segments = read_inputs(store, corpus, IMAGES, SEGMENTS)
+    result.metadata.update(
         subjects=sum(histogram[k] * k for k in range(len(histogram))),
         images_with_subjects=len(shown),
         subjects_per_image=dg.MetadataValue.json({str(k): n for k, n in enumerate(histogram)}),
@@ -383,6 +487,29 @@ def subject_matches(
             _segment_overlays(images, segments, dict(list(shown.items())[:PREVIEW_IMAGES])),
         ),
     )
+    return result
+
+
+_matches = chunked_graph(
+    "subject_matches",
+    MatchesConfig,
+    after=[corpus_images, panoptic_segments, noun_phrases],
+    run_chunk=_match_chunk,
+    merge=_merge_matches,
+    resources=["matcher"],
+    gpu=True,
+)
+
+
+@dg.graph_asset(
+    **DATASET_ASSET,
+    ins=_matches.ins,
+    config=_matches.config,
+    kinds={"pytorch", "parquet"},
+)
+def subject_matches(corpus_images, panoptic_segments, noun_phrases):
+    """Subjects per image: noun phrases matched one-to-one to ``person`` segments (CLIP × SBERT score)."""
+    return _matches.compose(corpus_images, panoptic_segments, noun_phrases)
 
 
 @dg.asset(**DATASET_ASSET, deps=[corpus_images, noun_phrases, panoptic_segments, subject_matches], kinds={"webdataset"})
@@ -427,13 +554,12 @@ def training_shards(
     overlays = [
         overlay_segments(s["image"], s["seg"], [x["segment_id"] for x in s["meta"]["subjects"]]) for s in samples
     ]
-    return _result(
+    metadata = _metadata(
         context,
         status={"unchanged": "cached", "appended": "updated", "rebuilt": "computed"}[stats["mode"]],
         rows=stats["samples"],
         failures=stats["failures"],
         path=out_dir,
-        version=shards_version(out_dir),
         mode=stats["mode"],
         appended=stats["appended"],
         shards_written=len(stats["written"]),
@@ -449,15 +575,16 @@ def training_shards(
         examples=dg.MetadataValue.md(markdown_table(examples, ["id", "caption", "subjects"])),
         **_preview(store, corpus, "training_shards", overlays),
     )
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(shards_version(out_dir)))
 
 
 STEP_CONFIGS.update(
     {
-        corpus_images.op.name: CorpusImagesConfig,
-        captions.op.name: CaptionsConfig,
-        panoptic_segments.op.name: SegmentsConfig,
-        noun_phrases.op.name: PhrasesConfig,
-        subject_matches.op.name: MatchesConfig,
-        training_shards.op.name: ShardsConfig,
+        corpus_images.node_def.name: CorpusImagesConfig,
+        captions.node_def.name: CaptionsConfig,
+        panoptic_segments.node_def.name: SegmentsConfig,
+        noun_phrases.node_def.name: PhrasesConfig,
+        subject_matches.node_def.name: MatchesConfig,
+        training_shards.node_def.name: ShardsConfig,
     }
 )

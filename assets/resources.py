@@ -10,7 +10,7 @@ load in half precision by default (bfloat16 where supported), on CPU in float32.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from fc_pipeline.data.chunks import MAX_CHUNKS, check_chunks
 from fc_pipeline.data.settings import DatasetSettings
 from fc_pipeline.profiles import ModelProfile, get_profile
 from fc_pipeline.settings import release_memory, resolve_device, resolve_dtype
@@ -26,11 +27,21 @@ from .instance import GPU_POOL  # noqa: F401  (the pool of every step that needs
 from .settings import library_field
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CHUNKS_ENV = "FC_PIPELINE_CHUNKS"
 
 
 def default_data_root() -> Path:
     """``$FC_PIPELINE_DATA``, else ``<repo>/data``."""
     return Path(os.environ.get("FC_PIPELINE_DATA") or REPO_ROOT / "data")
+
+
+def default_chunks(env: Mapping[str, str] = os.environ) -> int:
+    """``$FC_PIPELINE_CHUNKS`` (the deployment's fan-out inside a corpus), else 1."""
+    value = env.get(CHUNKS_ENV) or "1"
+    try:
+        return check_chunks(int(value))
+    except ValueError:
+        raise ValueError(f"{CHUNKS_ENV} must be an integer from 1 to {MAX_CHUNKS}, not {value!r}") from None
 
 
 class ModelResource(dg.ConfigurableResource):
@@ -75,10 +86,19 @@ class DatasetStore(dg.ConfigurableResource):
     ``<data_root>/datasets/<corpus>/``; training runs under ``<data_root>/checkpoints``.
 
     ``data_root`` empty means ``$FC_PIPELINE_DATA`` or ``<repo>/data``. The corpus name is the
-    asset partition key (see :mod:`assets.partitions`).
+    asset partition key (see :mod:`assets.partitions`). ``chunks`` is how many steps (processes,
+    pods, GPUs) the per-image work of one corpus is spread over (:mod:`assets.chunked`); it never
+    changes what is written.
     """
 
     data_root: str = ""
+    chunks: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_CHUNKS,
+        description="Chunks each per-image dataset step of a corpus runs in, each a step of its own "
+        f"(process, pod, GPU); the outputs do not depend on it. Code location default: ${CHUNKS_ENV} or 1.",
+    )
 
     @property
     def root(self) -> Path:
@@ -225,10 +245,11 @@ class EvaluatorResource(dg.ConfigurableResource):
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
-    """The resources of the code location, by key. ``FC_PIPELINE_PROFILE`` picks the model profile."""
+    """The resources of the code location, by key. ``FC_PIPELINE_PROFILE`` picks the model profile,
+    ``FC_PIPELINE_CHUNKS`` the fan-out of a corpus's per-image steps."""
     profile = os.environ.get("FC_PIPELINE_PROFILE", "tiny")
     return {
-        "store": DatasetStore(),
+        "store": DatasetStore(chunks=default_chunks()),
         "captioner": CaptionerResource(profile=profile),
         "segmenter": SegmenterResource(profile=profile),
         "matcher": MatcherResource(profile=profile),

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fc_pipeline.storage import TEMP_SUFFIX, WriteError
@@ -90,11 +90,14 @@ def _describe(fd: int) -> str:
     )
 
 
-def remove_temp_files(folder: str | Path, prefix: str = ".") -> list[Path]:
-    """Remove the temp files (``<prefix>*.tmp``) a killed writer left in ``folder``; call it holding the lock."""
+def remove_temp_files(folder: str | Path, prefix: str = ".", owned: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove the temp files (``<prefix>*.tmp``) a killed writer left in ``folder`` (only those ``owned``
+    accepts, when given); call it holding the lock."""
     folder = Path(folder)
     removed = []
     for temp in folder.glob(f"{prefix}*{TEMP_SUFFIX}") if folder.is_dir() else []:
+        if owned is not None and not owned(temp):
+            continue
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
             removed.append(temp)

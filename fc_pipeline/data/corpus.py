@@ -44,6 +44,12 @@ CORPUS_SCHEMA = pa.schema(
 )
 
 
+ENTRY_SCHEMA = pa.schema(
+    [("entry", pa.int64()), ("path", pa.string()), ("caption", pa.string()), ("annotation", pa.string())]
+)
+FILE_SCHEMA = pa.schema([("entry", pa.int64()), *(f for f in CORPUS_SCHEMA if f.name != "duplicates")])
+
+
 def scan_corpus(
     source: str | Path,
     *,
@@ -58,23 +64,54 @@ def scan_corpus(
     ``previous`` (an earlier scan of the corpus), a file at the same path with the same sha256
     keeps its earlier decode result (size or error) and is only hashed; captions and annotations
     are read afresh.
+
+    The same as :func:`collapse_duplicates` of :func:`scan_files` of :func:`list_corpus`, the three
+    parts a scan split into chunks runs in different processes.
     """
+    files = scan_files(list_corpus(source), max_pixels=max_pixels, workers=workers, previous=previous)
+    return collapse_duplicates(files)
+
+
+def list_corpus(source: str | Path) -> pa.Table:
+    """The image files of a corpus (folder or manifest) in a stable order: ``entry`` (position),
+    ``path``, ``caption``, ``annotation`` (the caption and annotation the corpus provides)."""
     entries = _list_entries(Path(source))
+    return pa.Table.from_pylist([{"entry": n, **e} for n, e in enumerate(entries)], schema=ENTRY_SCHEMA)
+
+
+def scan_files(
+    entries: pa.Table,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int = 4,
+    previous: pa.Table | None = None,
+) -> pa.Table:
+    """One row per listed file of ``entries`` (rows of :func:`list_corpus`): its id, sha256, size or
+    error reason; ``previous`` as in :func:`scan_corpus`. Duplicates are not collapsed yet."""
     decoded = _decode_results(previous, max_pixels)
+    rows = entries.to_pylist()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         scanned = list(
             tqdm(
-                pool.map(lambda entry: _scan_entry(entry, max_pixels, decoded), entries),
-                total=len(entries),
+                pool.map(lambda entry: _scan_entry(entry, max_pixels, decoded), rows),
+                total=len(rows),
                 desc="scan corpus",
-                disable=len(entries) < 50,
+                disable=len(rows) < 50,
             )
         )
+    return pa.Table.from_pylist(scanned, schema=FILE_SCHEMA)
+
+
+def collapse_duplicates(files: pa.Table) -> pa.Table:
+    """The corpus table from :func:`scan_files` rows (of one or several chunks): in listing order, one
+    row per id; later files with the same bytes are listed in the first one's ``duplicates`` and
+    lend it their caption or annotation when it has none."""
+    files = files.sort_by("entry") if files.num_rows else files
     rows: dict[str, dict] = {}
-    for row in scanned:
+    for row in files.drop_columns(["entry"]).to_pylist():
         first = rows.get(row["id"])
         if first is None:
-            rows[row["id"]] = row
+            rows[row["id"]] = {**row, "duplicates": []}
             continue
         first["duplicates"].append(row["path"])
         first["caption"] = first["caption"] or row["caption"]
@@ -183,6 +220,7 @@ def _scan_entry(entry: dict, max_pixels: int, decoded: dict[tuple[str, str], dic
     path = Path(entry["path"])
     caption = (entry["caption"] or "").strip() or None
     row = {
+        "entry": entry["entry"],
         "path": str(path),
         "sha256": None,
         "width": None,
@@ -190,7 +228,6 @@ def _scan_entry(entry: dict, max_pixels: int, decoded: dict[tuple[str, str], dic
         "caption": caption,
         "annotation": entry["annotation"],
         "error": None,
-        "duplicates": [],
     }
     try:
         data = path.read_bytes()

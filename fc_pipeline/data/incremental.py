@@ -70,6 +70,8 @@ def update_table(
     compute: Callable[..., pa.Table],
     *,
     temp_dirs: Sequence[str | Path] = (),
+    reuse_from: str | Path | None = None,
+    owns: Callable[[str], bool] | None = None,
 ) -> StepUpdate:
     """Bring ``output`` up to date with ``inputs``: rows are keyed by ``id`` (ids and order from inputs[0]);
     a row is reused when the existing output has it with the same input digest (sha256 of the settings + that
@@ -83,19 +85,32 @@ def update_table(
     computes and writes, so a second writer of the same table is refused; the holder removes the
     temp files killed writers left beside ``output`` and in ``temp_dirs`` (folders the step writes
     into, e.g. the segment maps).
+
+    A chunk of a step (:mod:`fc_pipeline.data.chunks`) passes ``reuse_from``, the step's merged
+    table, whose rows are reused for ids ``output`` lacks, and ``owns``, which says which image ids
+    are the chunk's: it then removes only its own temp files in ``temp_dirs`` (named ``.<id>…``),
+    since the other chunks write into the same folders at the same time.
     """
     output = Path(output)
     with locked_output(output, what="writer of this step"):
         for folder in temp_dirs:
-            remove_temp_files(folder)
-        return _update(output, inputs, settings, compute)
+            remove_temp_files(folder, owned=None if owns is None else lambda temp: owns(temp.name[1:].split(".")[0]))
+        return _update(output, inputs, settings, compute, None if reuse_from is None else Path(reuse_from))
 
 
-def _update(output: Path, inputs: Sequence[pa.Table], settings: dict, compute: Callable[..., pa.Table]) -> StepUpdate:
+def _update(
+    output: Path,
+    inputs: Sequence[pa.Table],
+    settings: dict,
+    compute: Callable[..., pa.Table],
+    reuse_from: Path | None,
+) -> StepUpdate:
     """The body of :func:`update_table`, run holding the lock of ``output``."""
     digests = input_digests(inputs, settings)
     order = list(digests)
     old, old_digests = _read_previous(output)
+    if reuse_from is not None:
+        old, old_digests = _with_rows_of(reuse_from, old, old_digests, digests)
     reused = [i for i in order if old_digests.get(i) == digests[i]]
     pending = [i for i in order if old_digests.get(i) != digests[i]]
     dropped = len(old_digests.keys() - digests.keys())
@@ -129,6 +144,19 @@ def _read_previous(output: Path) -> tuple[pa.Table | None, dict[str, str]]:
         return None, {}
     digests = dict(zip(table.column("id").to_pylist(), table.column(INPUT_DIGEST).to_pylist()))
     return table.drop_columns([INPUT_DIGEST]), digests
+
+
+def _with_rows_of(
+    source: Path, old: pa.Table | None, old_digests: dict[str, str], digests: dict[str, str]
+) -> tuple[pa.Table | None, dict[str, str]]:
+    """``old`` plus the rows of ``source`` whose ids are current (in ``digests``) and not in ``old``."""
+    more, more_digests = _read_previous(source)
+    wanted = [i for i in more_digests if i in digests and i not in old_digests]
+    if not wanted or (old is not None and not more.schema.equals(old.schema)):  # other columns: recompute those
+        return old, old_digests
+    more = more.filter(pc.is_in(more.column("id"), pa.array(wanted, pa.string())))
+    merged = more if old is None else pa.concat_tables([old, more])
+    return merged, {**old_digests, **{i: more_digests[i] for i in wanted}}
 
 
 def _compute(compute: Callable[..., pa.Table], inputs: Sequence[pa.Table], ids: list[str]) -> pa.Table:
