@@ -175,7 +175,7 @@ def test_a_bad_step_config_fails_the_run_before_its_first_step_computes(tmp_path
         )
     assert not result.success
     (failure,) = result.get_step_failure_events()
-    assert failure.step_key == "corpus_images"
+    assert failure.step_key == "corpus_images.corpus_images_chunks"  # its first step
     message = failure.event_specific_data.error.message
     assert "invalid config of step training_shards: samples_per_shard must be >= 1, got 0" in message
     assert not (tmp_path / "corpora").exists() and not (tmp_path / "datasets").exists()  # nothing computed
@@ -209,7 +209,7 @@ def test_library_warnings_reach_the_run_event_log(tmp_path):
         instance.add_dynamic_partitions("corpus", ["demo"])
         (warning,) = phrases_run(instance)
     assert warning.level == logging.WARNING and "recomputing every row" in warning.user_message
-    assert warning.step_key == "noun_phrases"
+    assert warning.step_key == "noun_phrases.noun_phrases_chunk[0_of_1]"
     with dg.instance_for_test() as instance:  # without python_logs the library's warning stays out of the run
         instance.add_dynamic_partitions("corpus", ["demo"])
         assert phrases_run(instance) == []

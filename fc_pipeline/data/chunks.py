@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fc_pipeline.data.incremental import INPUT_DIGEST, StepUpdate, update_table
+from fc_pipeline.data.incremental import INPUT_DIGEST, StepUpdate, read_step_table, update_table
 from fc_pipeline.locks import locked_output
 from fc_pipeline.storage import write_parquet
 
@@ -114,7 +114,7 @@ def merge_chunks(output: str | Path, ids: Sequence[str], chunks: int) -> StepUpd
     ids = list(ids)
     with locked_output(output, what="merge of this step"):
         files = [p for p in (chunk_path(output, i, chunks) for i in range(chunks)) if p.exists()]
-        previous = pq.read_table(output) if output.exists() else None
+        previous = read_step_table(output, warn=False)  # the chunks warned already
         previous_digests = _digests(previous)
         parts = [pq.read_table(p) for p in files]
         covered = {i for part in parts for i in part.column("id").to_pylist()}
@@ -143,7 +143,7 @@ def merge_chunks(output: str | Path, ids: Sequence[str], chunks: int) -> StepUpd
 
 def _digests(table: pa.Table | None) -> dict[str, str]:
     """id -> input digest of a step table (empty for none)."""
-    if table is None or INPUT_DIGEST not in table.column_names:
+    if table is None:
         return {}
     return dict(zip(table.column("id").to_pylist(), table.column(INPUT_DIGEST).to_pylist()))
 

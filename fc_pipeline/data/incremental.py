@@ -130,17 +130,28 @@ def _update(
     return StepUpdate(table, computed=len(order) - len(reused), reused=len(reused), dropped=dropped)
 
 
+def read_step_table(path: Path, warn: bool = True) -> pa.Table | None:
+    """A step's table with its :data:`INPUT_DIGEST` column; None when there is none usable: missing,
+    or (with a warning unless ``warn`` is off) unreadable or written without digests."""
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        if warn:
+            logger.warning("%s is unreadable (%s); recomputing every row", path, exc)
+        return None
+    if INPUT_DIGEST not in table.column_names or "id" not in table.column_names:
+        if warn:
+            logger.warning("%s has no %s column; recomputing every row", path, INPUT_DIGEST)
+        return None
+    return table
+
+
 def _read_previous(output: Path) -> tuple[pa.Table | None, dict[str, str]]:
     """The existing output without its digests, and id -> digest; ``(None, {})`` when there is none usable."""
-    if not output.exists():
-        return None, {}
-    try:
-        table = pq.read_table(output)
-    except (OSError, pa.ArrowException) as exc:
-        logger.warning("%s is unreadable (%s); recomputing every row", output, exc)
-        return None, {}
-    if INPUT_DIGEST not in table.column_names or "id" not in table.column_names:
-        logger.warning("%s has no %s column; recomputing every row", output, INPUT_DIGEST)
+    table = read_step_table(output)
+    if table is None:
         return None, {}
     digests = dict(zip(table.column("id").to_pylist(), table.column(INPUT_DIGEST).to_pylist()))
     return table.drop_columns([INPUT_DIGEST]), digests

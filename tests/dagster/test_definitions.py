@@ -35,15 +35,19 @@ def test_definitions_resolve_every_asset_job_and_check():
 
 
 def test_model_steps_share_the_gpu_pool():
-    pools = {}
-    for definition in assets.defs.assets:
-        for key in definition.keys:
-            pools[key.to_user_string()] = definition.op.pool
-    assert {k for k in DATASET if pools[k] == "gpu"} == {"captions", "panoptic_segments", "subject_matches"}
-    assert pools["fastcomposer_checkpoint"] == pools["evaluation_report"] == "gpu"
-    for definition in assets.defs.assets:
-        if definition.op.pool == "gpu":  # what the k8s executor reads to put the step on a GPU node
-            assert "dagster-k8s/config" in definition.op.tags
+    ops = {op.name: op for d in assets.defs.assets for op in d.node_def.iterate_op_defs()}
+    gpu = {name for name, op in ops.items() if op.pool == "gpu"}
+    # the chunks of the model steps, one GPU each; listing, merging and the CPU steps stay off the pool
+    assert gpu == {
+        "captions_chunk",
+        "panoptic_segments_chunk",
+        "subject_matches_chunk",
+        "fastcomposer_checkpoint",
+        "evaluation_report",
+    }
+    for name in gpu:  # what the k8s executor reads to put the step on a GPU node
+        assert "dagster-k8s/config" in ops[name].tags
+    assert {"captions_chunks", "captions_merge", "noun_phrases_chunk", "corpus_images_chunk"} <= set(ops) - gpu
 
 
 def test_data_root_defaults_to_env_then_repo(monkeypatch, tmp_path):

@@ -127,17 +127,23 @@ def test_every_gpu_pool_step_asks_for_a_gpu_node():
     for definition in assets.defs.assets:
         if not isinstance(definition, dg.AssetsDefinition):
             continue
-        k8s = get_user_defined_k8s_config(definition.op.tags)
-        names = {key.to_user_string() for key in definition.keys}
-        if definition.op.pool == "gpu":
-            tagged.update(dict.fromkeys(names, k8s))
-        else:
-            assert k8s == UserDefinedDagsterK8sConfig(), f"{names} is not in the gpu pool but asks for k8s resources"
-            untagged |= names
-    assert {"captions", "panoptic_segments", "subject_matches", "fastcomposer_checkpoint", "evaluation_report"} <= set(
-        tagged
-    )
-    assert {"corpus_images", "noun_phrases", "training_shards"} <= untagged
+        for op in definition.node_def.iterate_op_defs():  # a chunked asset's ops, or the asset's one op
+            k8s = get_user_defined_k8s_config(op.tags)
+            if op.pool == "gpu":
+                tagged[op.name] = k8s
+            else:
+                assert k8s == UserDefinedDagsterK8sConfig(), (
+                    f"{op.name} is not in the gpu pool but asks for k8s resources"
+                )
+                untagged.add(op.name)
+    assert {
+        "captions_chunk",
+        "panoptic_segments_chunk",
+        "subject_matches_chunk",
+        "fastcomposer_checkpoint",
+        "evaluation_report",
+    } <= set(tagged)
+    assert {"corpus_images_chunk", "noun_phrases_chunk", "captions_merge", "training_shards"} <= untagged
     for name, k8s in tagged.items():
         assert int(k8s.container_config["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
         assert k8s.pod_spec_config["node_selector"] == DEFAULT_GPU_NODE_SELECTOR, name
@@ -215,11 +221,15 @@ def step_job(launcher: dict, tags: dict, step: str) -> client.V1Job:
     )
 
 
+def op_tags(asset: str, op: str) -> dict:
+    """The tags of one op of an asset (a chunked asset is a graph of ops)."""
+    (found,) = [o for o in assets.defs.resolve_assets_def(asset).node_def.iterate_op_defs() if o.name == op]
+    return dict(found.tags)
+
+
 def test_step_pods_of_gpu_and_cpu_steps(monkeypatch):
     launcher = _launcher_config(monkeypatch)
-    gpu_pod = step_job(
-        launcher, dict(assets.defs.resolve_assets_def("captions").op.tags), "captions"
-    ).spec.template.spec
+    gpu_pod = step_job(launcher, op_tags("captions", "captions_chunk"), "captions").spec.template.spec
     (container,) = gpu_pod.containers
     assert container.resources.limits == {"nvidia.com/gpu": "1", "memory": "2Gi"}
     assert container.resources.requests == {"cpu": "4", "memory": "32Gi"}  # the GPU tag wins over the step default
@@ -230,9 +240,7 @@ def test_step_pods_of_gpu_and_cpu_steps(monkeypatch):
     assert [e.config_map_ref.name for e in container.env_from] == ["fc-pipeline-env"]
     assert container.image == "registry.example.com/fc-pipeline:0.1.0"
 
-    cpu_pod = step_job(
-        launcher, dict(assets.defs.resolve_assets_def("noun_phrases").op.tags), "noun_phrases"
-    ).spec.template.spec
+    cpu_pod = step_job(launcher, op_tags("noun_phrases", "noun_phrases_chunk"), "noun_phrases").spec.template.spec
     resources = cpu_pod.containers[0].resources
     assert (resources.limits, resources.requests) == ({"memory": "2Gi"}, {"cpu": "1", "memory": "4Gi"})
     assert cpu_pod.node_selector is None and cpu_pod.tolerations is None
