@@ -41,7 +41,7 @@ def build(source: Path, root: Path, workers: int, cores: int) -> float:
     run_config = {
         "ops": {"corpus_images": {"config": {"source": str(source)}}},
         "resources": {"store": {"config": {"data_root": str(root), "chunks": workers}}},
-        "execution": {"config": {"max_concurrent": workers}},
+        "execution": {"config": {"max_concurrent": workers}},  # forkserver start: assets.deployment
     }
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("corpus", [CORPUS])

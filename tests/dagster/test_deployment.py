@@ -29,6 +29,7 @@ from assets.deployment import (
     DEFAULT_GPU_NODE_SELECTOR,
     DEFAULT_STEP_K8S_CONFIG,
     GPU_OP_TAGS,
+    MULTIPROCESS_EXECUTOR,
     TRAINING_OP_TAGS,
     executor_from_env,
     gpu_step_k8s_config,
@@ -54,7 +55,7 @@ def _job_with(executor: dg.ExecutorDefinition) -> dg.JobDefinition:
 def test_default_executor_is_one_process_per_run():
     assert executor_from_env({}) is dg.in_process_executor
     assert executor_from_env({"FC_PIPELINE_EXECUTOR": "in_process"}) is dg.in_process_executor
-    assert executor_from_env({"FC_PIPELINE_EXECUTOR": "multiprocess"}) is dg.multiprocess_executor
+    assert executor_from_env({"FC_PIPELINE_EXECUTOR": "multiprocess"}) is MULTIPROCESS_EXECUTOR
     with pytest.raises(ValueError, match="in_process, multiprocess or k8s, not 'celery'"):
         executor_from_env({"FC_PIPELINE_EXECUTOR": "celery"})
 
