@@ -83,3 +83,42 @@ def failed_corpora(path: str | Path | None = None) -> list[str]:
             statuses = instance.get_status_by_partition(dg.AssetKey(asset), corpora, partitions) or {}
             failed |= {corpus for corpus, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED}
     return [corpus for corpus in corpora if corpus in failed]
+
+
+def dataset_job():
+    """The code location's ``build_dataset`` job (reconstructable: every step process loads it again)."""
+    import assets
+
+    return assets.defs.resolve_job_def("build_dataset")
+
+
+def build_corpus(
+    instance,
+    corpus: str,
+    *,
+    chunks: int | None = None,
+    workers: int | None = None,
+    run_config: dict | None = None,
+):
+    """Run ``build_dataset`` for one corpus partition on ``instance`` from this process (as
+    ``dagster job execute`` would; the run is in the instance's history), with its per-image steps
+    in ``chunks`` chunks (default: the code location's) and up to ``workers`` steps at once (needs the
+    multiprocess executor). Returns the ``dg.ExecuteJobResult``; a failed run does not raise."""
+    import dagster as dg
+
+    config = dict(run_config or {})
+    if chunks is not None:
+        resources = dict(config.get("resources") or {})
+        store = dict(resources.get("store") or {})
+        store["config"] = {**(store.get("config") or {}), "chunks": chunks}
+        config["resources"] = {**resources, "store": store}
+    if workers is not None:
+        executor = dataset_job().executor_def.name
+        if executor != "multiprocess":
+            raise ValueError(
+                f"workers need the multiprocess executor (FC_PIPELINE_EXECUTOR=multiprocess), not {executor}"
+            )
+        config["execution"] = {"config": {"max_concurrent": workers}}
+    return dg.execute_job(
+        dg.reconstructable(dataset_job), instance, run_config=config, tags={"dagster/partition": corpus}
+    )

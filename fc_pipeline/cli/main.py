@@ -76,16 +76,33 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("corpus", help="the registered corpora (Dagster `corpus` partitions) of an instance")
     p.add_argument(
         "action",
-        choices=("add", "list", "failed"),
-        help="add NAME...: register corpora; list: all; failed: those whose last dataset build failed",
+        choices=("add", "list", "failed", "backfill"),
+        help="add NAME...: register corpora; list: all; failed: those whose last dataset build failed; "
+        "backfill NAME...: build their datasets now (a build_dataset run each, in this process)",
     )
-    p.add_argument("names", nargs="*", help="corpus names (for add)")
+    p.add_argument("names", nargs="*", help="corpus names (for add and backfill)")
     p.add_argument("--dagster-home", help="instance directory (default: $DAGSTER_HOME or <repo>/.dagster_home)")
     p.add_argument("--sep", default=",", help="separator of the printed names (default ',' as `--partitions` takes)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        help="backfill: split each per-image step into this many chunks, each a step of its own (a GPU or pod "
+        "each); default: the code location's ($FC_PIPELINE_CHUNKS or 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="backfill: run up to this many steps at once on this machine (one process each; sets "
+        "FC_PIPELINE_EXECUTOR=multiprocess unless it is set)",
+    )
     p.set_defaults(func=_run_corpus)
 
 
 def _run_corpus(args: argparse.Namespace) -> int:
+    if args.action != "backfill" and (args.chunks is not None or args.workers is not None):
+        raise SystemExit(f"corpus {args.action}: --chunks and --workers are for backfill")
+    if args.action == "backfill":
+        return _backfill(args)
     from assets.instance import failed_corpora, register_corpora, registered_corpora
 
     if args.action == "add":
@@ -102,6 +119,50 @@ def _run_corpus(args: argparse.Namespace) -> int:
     names = registered_corpora(args.dagster_home) if args.action == "list" else failed_corpora(args.dagster_home)
     print(args.sep.join(names))
     return 0
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    if not args.names:
+        raise SystemExit("corpus backfill: name at least one corpus")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("corpus backfill: --workers must be at least 1")
+    if args.workers is not None:
+        os.environ.setdefault("FC_PIPELINE_EXECUTOR", "multiprocess")  # read when the code location loads
+    import dagster as dg
+
+    from assets.instance import build_corpus, dagster_home, register_corpora
+    from fc_pipeline.data.chunks import check_chunks
+
+    try:
+        if args.chunks is not None:
+            check_chunks(args.chunks)
+        register_corpora(args.names, args.dagster_home)
+    except ValueError as exc:
+        raise SystemExit(f"corpus backfill: {exc}") from None
+    failed = []
+    with dg.DagsterInstance.from_config(str(dagster_home(args.dagster_home))) as instance:
+        for corpus in dict.fromkeys(args.names):
+            try:
+                result = build_corpus(instance, corpus, chunks=args.chunks, workers=args.workers)
+            except ValueError as exc:
+                raise SystemExit(f"corpus backfill: {exc}") from None
+            print(f"{corpus}: run {result.run_id} {'succeeded' if result.success else 'FAILED'}", file=sys.stderr)
+            for event in result.get_asset_materialization_events():
+                metadata = event.step_materialization_data.materialization.metadata
+                counts = ", ".join(
+                    f"{key} {metadata[key].value}"
+                    for key in ("status", "rows", "computed", "chunks")
+                    if key in metadata
+                )
+                print(f"  {event.asset_key.to_user_string()}: {counts}", file=sys.stderr)
+            if not result.success:
+                failed.append(corpus)
+    if failed:
+        print(
+            f"failed: {', '.join(failed)} (the run's events: dagster UI, or `fc-pipeline corpus failed`)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 # --- build-dataset ---
