@@ -1,11 +1,13 @@
 """Fan-out inside one corpus: the dataset chain with K local workers vs one.
 
 Builds the same drawn corpus twice through Dagster's ``build_dataset`` job with the multiprocess
-executor: once with 1 chunk and 1 concurrent step, once with ``--workers`` chunks and as many
-concurrent steps (each chunk a step of its own, as each would be a pod on Kubernetes). The CPU
-cores are shared out (``OMP_NUM_THREADS`` = cores / workers per step process). Prints one line:
-both wall times, the speedup, and whether the shards are byte-identical (same samples, metadata
-and split).
+executor (:func:`assets.instance.build_corpus`, as ``fc-pipeline corpus backfill`` does): once with
+1 chunk and 1 concurrent step, once with ``--workers`` chunks and as many concurrent steps (each
+chunk a step of its own, as each would be a pod on Kubernetes). The CPU cores are shared out
+(``OMP_NUM_THREADS`` = cores / workers per step process). Prints one line: both wall times and
+the speedup, the same for the chunk phases alone (first chunk start to last chunk end of each
+step, summed: the per-image work, without the fixed cost of starting the run and its ~26 step
+processes), and whether the shards are byte-identical (same samples, metadata and split).
 
     python benchmarks/fanout.py                  # 2 000 images, 2 workers (tiny profile)
     python benchmarks/fanout.py --dry-run        # small and quick: checks the code path
@@ -24,38 +26,37 @@ os.environ.setdefault("FC_PIPELINE_EXECUTOR", "multiprocess")  # read when the c
 
 import dagster as dg  # noqa: E402
 
-import assets  # noqa: E402
+from assets.instance import build_corpus  # noqa: E402
 from fc_pipeline.data.demo_corpus import make_demo_corpus  # noqa: E402
 
 CORPUS = "bench"
 
 
-def build_dataset_job() -> dg.JobDefinition:
-    """The code location's ``build_dataset`` job (reconstructable: every step process loads it again)."""
-    return assets.defs.resolve_job_def("build_dataset")
+def chunk_phases(instance: dg.DagsterInstance, run_id: str) -> float:
+    """Seconds of the chunk phases of a run: per step, first chunk start to last chunk end, summed."""
+    spans: dict[str, list[float]] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event and "_chunk[" in (event.step_key or "") and event.event_type_value in ("STEP_START", "STEP_SUCCESS"):
+            spans.setdefault(event.step_key.split(".")[0], []).append(entry.timestamp)
+    return sum(max(times) - min(times) for times in spans.values())
 
 
-def build(source: Path, root: Path, workers: int, cores: int) -> float:
-    """Seconds of one ``build_dataset`` run of ``source`` into ``root`` with ``workers`` chunks and steps at once."""
+def build(source: Path, root: Path, workers: int, cores: int) -> tuple[float, float]:
+    """(run, chunk phases) seconds of one ``build_dataset`` run of ``source`` into ``root`` with
+    ``workers`` chunks and as many steps at once."""
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))  # each step process's share of the cores
     run_config = {
         "ops": {"corpus_images": {"config": {"source": str(source)}}},
-        "resources": {"store": {"config": {"data_root": str(root), "chunks": workers}}},
-        "execution": {"config": {"max_concurrent": workers}},  # forkserver start: assets.deployment
+        "resources": {"store": {"config": {"data_root": str(root)}}},
     }
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("corpus", [CORPUS])
         started = time.perf_counter()
-        result = dg.execute_job(
-            dg.reconstructable(build_dataset_job),
-            instance,
-            run_config=run_config,
-            tags={"dagster/partition": CORPUS},
-            raise_on_error=True,
-        )
+        result = build_corpus(instance, CORPUS, chunks=workers, workers=workers, run_config=run_config)
         seconds = time.perf_counter() - started
-    assert result.success
-    return seconds
+        assert result.success
+        return seconds, chunk_phases(instance, result.run_id)
 
 
 def shard_digests(root: Path) -> dict[str, list[str]]:
@@ -80,13 +81,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "corpus"
         make_demo_corpus(source, n=args.images)
-        one = build(source, Path(tmp) / "one", 1, cores)
-        many = build(source, Path(tmp) / "many", args.workers, cores)
+        one, one_chunks = build(source, Path(tmp) / "one", 1, cores)
+        many, many_chunks = build(source, Path(tmp) / "many", args.workers, cores)
         same = shard_digests(Path(tmp) / "one") == shard_digests(Path(tmp) / "many")
         samples = sum(len(v) for v in shard_digests(Path(tmp) / "one").values()) // 2
     print(
         f"fan-out [tiny, CPU, {cores} cores]: dataset chain on {args.images} images: 1 worker {one:.1f} s, "
-        f"{args.workers} workers {many:.1f} s ({one / many:.2f}× faster); "
+        f"{args.workers} workers {many:.1f} s ({one / many:.2f}× faster); chunk phases {one_chunks:.1f} s vs "
+        f"{many_chunks:.1f} s ({one_chunks / many_chunks:.2f}×); "
         f"shards identical: {'yes' if same else 'NO'} ({samples} shard(s))"
     )
 
