@@ -1,4 +1,4 @@
-"""Dataset assets whose per-image work fans out over chunks of one corpus (docs/architecture.md, "Scale-out").
+"""Dataset assets whose per-image work fans out over chunks of one corpus (docs/architecture.md, "Fan-out inside a corpus").
 
 Such an asset is a graph of three ops (``captions`` shown)::
 

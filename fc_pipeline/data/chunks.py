@@ -9,7 +9,7 @@ with nothing to compute writes no file; its rows stay those of the merged table.
 the merged table, and everything built from it, is the table one unchunked step writes.
 
 Each chunk runs in its own process, on its own GPU or pod (``assets/dataset.py`` maps the chunks of
-a step onto Dagster steps; docs/architecture.md, "Scale-out").
+a step onto Dagster steps; docs/architecture.md, "Fan-out inside a corpus").
 """
 
 from __future__ import annotations
