@@ -130,7 +130,7 @@ def _backfill(args: argparse.Namespace) -> int:
         os.environ.setdefault("FC_PIPELINE_EXECUTOR", "multiprocess")  # read when the code location loads
     import dagster as dg
 
-    from assets.instance import build_corpus, dagster_home, register_corpora
+    from assets.instance import GPU_POOL, build_corpus, dagster_home, register_corpora
     from fc_pipeline.data.chunks import check_chunks
 
     try:
@@ -141,6 +141,13 @@ def _backfill(args: argparse.Namespace) -> int:
         raise SystemExit(f"corpus backfill: {exc}") from None
     failed = []
     with dg.DagsterInstance.from_config(str(dagster_home(args.dagster_home))) as instance:
+        slots = instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count
+        if (args.workers or 1) > slots:
+            print(
+                f"note: the {GPU_POOL!r} pool of this instance admits {slots} step(s) at a time, so the chunks of the "
+                f"model steps wait for a slot (more: `dagster instance concurrency set {GPU_POOL} N`)",
+                file=sys.stderr,
+            )
         for corpus in dict.fromkeys(args.names):
             try:
                 result = build_corpus(instance, corpus, chunks=args.chunks, workers=args.workers)

@@ -197,3 +197,44 @@ def test_backfills_from_the_command_line(tmp_path):
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("captions"), asset_partitions=["alpha"]), limit=10
         ).records
     assert [r.asset_materialization.metadata["status"].value for r in records][:1] == ["cached"]
+
+
+@pytest.mark.slow
+def test_corpus_backfill_fans_out_and_hides_the_chunks(tmp_path):
+    """`fc-pipeline corpus backfill NAME --chunks K --workers N`: one run of the corpus partition whose
+    per-image steps ran in K chunk steps; a re-run with another K computes nothing."""
+    instance = Instance(tmp_path)
+    make_demo_corpus(instance.data / "corpora" / "alpha", n=SMALL)
+    fc = str(BIN / "fc-pipeline")
+    first = instance.run(fc, "corpus", "backfill", "alpha", "--chunks", "2", "--workers", "2", timeout=600)
+    assert "alpha: run" in first.stderr and "succeeded" in first.stderr
+    assert f"captions: status computed, rows {SMALL}, computed {SMALL}, chunks 2" in first.stderr
+    assert "pool of this instance admits 1 step(s)" in first.stderr  # a CPU machine: one gpu slot
+    (run,) = instance.runs()
+    assert run.tags["dagster/partition"] == "alpha" and run.status == dg.DagsterRunStatus.SUCCESS
+    with dg.DagsterInstance.from_config(str(instance.home)) as dagster_instance:
+        steps = {e.dagster_event.step_key for e in dagster_instance.all_logs(run.run_id) if e.dagster_event}
+        assert dagster_instance.get_dynamic_partitions("corpus") == ["alpha"]  # no chunk partitions
+    assert {"captions.captions_chunk[0_of_2]", "captions.captions_chunk[1_of_2]", "captions.captions_merge"} <= steps
+    leftovers = [p.name for p in (instance.data / "datasets" / "alpha").glob("*.chunk-*") if not p.name.startswith(".")]
+    assert leftovers == []  # merged and removed (only the hidden lock files stay, as for every table)
+
+    again = instance.run(fc, "corpus", "backfill", "alpha", "--chunks", "3", timeout=600)
+    for asset in ("corpus_images", "captions", "panoptic_segments", "noun_phrases", "subject_matches"):
+        assert f"{asset}: status cached" in again.stderr
+    assert "computed 0, chunks 3" in again.stderr
+
+
+def test_corpus_backfill_refuses_bad_arguments(tmp_path):
+    instance = Instance(tmp_path)
+    fc = str(BIN / "fc-pipeline")
+    for args, message in [
+        (["backfill"], "name at least one corpus"),
+        (["backfill", "alpha", "--chunks", "0"], "chunks must be an integer from 1 to 4096"),
+        (["backfill", "alpha", "--workers", "0"], "--workers must be at least 1"),
+        (["list", "--chunks", "2"], "--chunks and --workers are for backfill"),
+    ]:
+        done = subprocess.run(
+            [fc, "corpus", *args], cwd=REPO_ROOT, env=instance.env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode != 0 and message in done.stderr, (args, done.stderr[-2000:])
