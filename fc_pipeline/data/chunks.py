@@ -87,7 +87,7 @@ def update_chunk(
     ids = chunk_rows(inputs[0], chunk, chunks).column("id")
     mine = [t.filter(pc.is_in(t.column("id"), ids)) for t in inputs]
     path = chunk_path(output, chunk, chunks)
-    if not len(ids):  # nothing of this corpus falls in the chunk
+    if not len(ids) and (chunk or inputs[0].num_rows):  # nothing falls in this chunk (chunk 0 writes an empty corpus)
         with locked_output(path, what="writer of this chunk"):
             path.unlink(missing_ok=True)
         return StepUpdate(mine[0], computed=0, reused=0, dropped=0)
@@ -107,9 +107,12 @@ def merge_chunks(output: str | Path, ids: Sequence[str], chunks: int) -> StepUpd
     the rows of ``ids`` (the step's first input, in that order) from the chunk files, or from the
     table as it was for chunks that wrote none; the chunk files are then removed. ``computed`` counts
     rows that are new or changed against the previous table, ``dropped`` ids that left it. When
-    nothing changed the table is left as it was (status ``cached``).
+    nothing changed the table is left as it was (status ``cached``). Rows of a chunk without a file
+    are taken as the previous table has them: merge only after every chunk ran.
 
-    Raises ``ValueError`` when some id has no row (a chunk did not run)."""
+    Raises ``ValueError`` when some id has no row (a chunk did not run), or when the step's columns
+    changed (new code) while some chunks had nothing to compute: their rows are in the old columns,
+    so the previous table is removed and the next run computes them again."""
     output = Path(output)
     ids = list(ids)
     with locked_output(output, what="merge of this step"):
@@ -118,6 +121,12 @@ def merge_chunks(output: str | Path, ids: Sequence[str], chunks: int) -> StepUpd
         previous_digests = _digests(previous)
         parts = [pq.read_table(p) for p in files]
         covered = {i for part in parts for i in part.column("id").to_pylist()}
+        if parts and previous is not None and not all(p.schema.equals(previous.schema) for p in parts):
+            output.unlink()
+            raise ValueError(
+                f"{output}: the step's columns changed while some of its {chunks} chunk(s) had nothing to compute; "
+                "their rows had the old columns and were removed: run the step again to compute them"
+            )
         if previous is not None:
             rest = [i for i in ids if i not in covered and i in previous_digests]
             parts.append(previous.filter(pc.is_in(previous.column("id"), pa.array(rest, pa.string()))))
