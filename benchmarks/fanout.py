@@ -4,7 +4,9 @@ Builds the same drawn corpus twice through Dagster's ``build_dataset`` job with 
 executor (:func:`assets.instance.build_corpus`, as ``fc-pipeline corpus backfill`` does): once with
 1 chunk and 1 concurrent step, once with ``--workers`` chunks and as many concurrent steps (each
 chunk a step of its own, as each would be a pod on Kubernetes). The CPU cores are shared out
-(``OMP_NUM_THREADS`` = cores / workers per step process). Prints one line: both wall times and
+(``OMP_NUM_THREADS`` = cores / workers, as ``fc-pipeline corpus backfill --workers`` sets it), and
+each build runs in a fresh process (the executor's forkserver lives as long as its process and
+keeps the thread setting it started with). Prints one line: both wall times and
 the speedup, the same for the chunk phases alone (first chunk start to last chunk end of each
 step, summed: the per-image work, without the fixed cost of starting the run and its ~26 step
 processes), and whether the shards are byte-identical (same samples, metadata and split).
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +47,9 @@ def chunk_phases(instance: dg.DagsterInstance, run_id: str) -> float:
     return sum(max(times) - min(times) for times in spans.values())
 
 
-def build(source: Path, root: Path, workers: int, cores: int) -> tuple[float, float]:
+def build(source: Path, root: Path, workers: int) -> tuple[float, float]:
     """(run, chunk phases) seconds of one ``build_dataset`` run of ``source`` into ``root`` with
-    ``workers`` chunks and as many steps at once."""
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))  # each step process's share of the cores
+    ``workers`` chunks and as many steps at once (in this process: run it in a fresh one)."""
     run_config = {
         "ops": {"corpus_images": {"config": {"source": str(source)}}},
         "resources": {"store": {"config": {"data_root": str(root)}}},
@@ -69,20 +73,37 @@ def shard_digests(root: Path) -> dict[str, list[str]]:
     }
 
 
+def build_in_a_fresh_process(source: Path, root: Path, workers: int, cores: int) -> tuple[float, float]:
+    """:func:`build` in a new interpreter with ``OMP_NUM_THREADS`` = the workers' share of the cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // workers))}
+    command = [sys.executable, __file__, "--build", str(workers), "--source", str(source), "--root", str(root)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"the {workers}-worker build failed:\n{done.stderr[-3000:]}")
+    seconds, chunks = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, chunks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="small sizes, same code paths")
+    parser.add_argument("--build", type=int, help=argparse.SUPPRESS)  # one build, in the process the main one starts
+    parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        print(json.dumps(build(args.source, args.root, args.build)))
+        return
     if args.dry_run:
         args.images = 24
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "corpus"
         make_demo_corpus(source, n=args.images)
-        one, one_chunks = build(source, Path(tmp) / "one", 1, cores)
-        many, many_chunks = build(source, Path(tmp) / "many", args.workers, cores)
+        one, one_chunks = build_in_a_fresh_process(source, Path(tmp) / "one", 1, cores)
+        many, many_chunks = build_in_a_fresh_process(source, Path(tmp) / "many", args.workers, cores)
         same = shard_digests(Path(tmp) / "one") == shard_digests(Path(tmp) / "many")
         samples = sum(len(v) for v in shard_digests(Path(tmp) / "one").values()) // 2
     print(

@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 import assets
-from assets.resources import DatasetStore, default_data_root
+from assets.resources import DatasetStore, default_chunks, default_data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATASET = ["corpus_images", "captions", "panoptic_segments", "noun_phrases", "subject_matches", "training_shards"]
@@ -120,3 +121,10 @@ def test_dagster_yaml_builds_an_instance_with_a_gpu_pool(tmp_path):
 def test_workspace_loads_the_assets_module():
     workspace = yaml.safe_load((REPO_ROOT / "workspace.yaml").read_text())
     assert workspace["load_from"] == [{"python_module": {"module_name": "assets", "working_directory": "."}}]
+
+
+def test_chunks_default_to_env_then_one():
+    assert default_chunks({}) == 1 and default_chunks({"FC_PIPELINE_CHUNKS": "16"}) == 16
+    for bad in ("0", "4097", "two"):
+        with pytest.raises(ValueError, match=f"FC_PIPELINE_CHUNKS must be an integer from 1 to 4096, not '{bad}'"):
+            default_chunks({"FC_PIPELINE_CHUNKS": bad})

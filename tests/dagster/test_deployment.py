@@ -36,6 +36,7 @@ from assets.deployment import (
     k8s_executor_config,
     training_workers,
 )
+from assets.resources import default_chunks
 from fc_pipeline.training.launch import launch_settings_from_env, training_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -319,6 +320,7 @@ def test_helm_values_run_the_code_location_and_match_the_instance_yaml():
     env = {item["name"]: item["value"] for item in deployment["env"]}
     assert env["FC_PIPELINE_EXECUTOR"] == "k8s"
     assert executor_from_env(env).name == "k8s" and gpu_step_k8s_config(env) == GPU_OP_TAGS["dagster-k8s/config"]
+    assert default_chunks(env) == 8  # each per-image dataset step of a corpus on 8 pods
     # the data root is the shared ReadWriteMany claim, mounted at the same path in every pod
     (mount,) = [m for m in deployment["volumeMounts"] if m["mountPath"] == env["FC_PIPELINE_DATA"]]
     (volume,) = [v for v in deployment["volumes"] if v["name"] == mount["name"]]
