@@ -1,6 +1,7 @@
-"""Dataset assets whose per-image work fans out over chunks of one corpus (docs/architecture.md, "Fan-out inside a corpus").
+"""Dataset assets whose per-image work fans out over chunks of one corpus.
 
-Such an asset is a graph of three ops (``captions`` shown)::
+See docs/architecture.md, "Fan-out inside a corpus". Such an asset is a graph of three ops
+(``captions`` shown)::
 
     captions_chunks ─┬─> captions_chunk[0_of_K] ─┬─> captions_merge   (the materialisation)
                      └─> captions_chunk[1_of_K] ─┘

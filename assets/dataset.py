@@ -578,6 +578,9 @@ def training_shards(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(shards_version(out_dir)))
 
 
+# the chain in order (assets.instance.DATASET_ASSETS names it for code that cannot import this module)
+CHAIN = [corpus_images, captions, panoptic_segments, noun_phrases, subject_matches, training_shards]
+
 STEP_CONFIGS.update(
     {
         corpus_images.node_def.name: CorpusImagesConfig,

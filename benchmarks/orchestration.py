@@ -24,14 +24,7 @@ from assets.automation import corpus_sensor
 from assets.resources import DatasetStore
 from fc_pipeline.data.corpora import corpus_signature
 
-DATASET = [
-    dataset.corpus_images,
-    dataset.captions,
-    dataset.panoptic_segments,
-    dataset.noun_phrases,
-    dataset.subject_matches,
-    dataset.training_shards,
-]
+DATASET = dataset.CHAIN
 CHECKS = [checks.readable_images, checks.caption_non_empty_rate, checks.shards_readable, checks.samples_with_subjects]
 
 

@@ -62,3 +62,22 @@ def test_gpu_script_dry_run(tmp_path):
     printed = done.stdout.splitlines()
     assert "| benchmark | machine, date | measured |" in printed
     assert sum(line.startswith("| `") for line in printed) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["fanout.py", "orchestration.py"])
+def test_dataset_scale_benchmarks_dry_run(script):
+    """The fan-out and orchestration benchmarks on small sizes: one line, with what the README quotes."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--dry-run"], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith(script.removesuffix(".py").replace("fanout", "fan-out"))
+    ]
+    if script == "fanout.py":
+        assert "2 workers" in line and "shards identical: yes" in line
+    else:
+        assert "no-change re-materialisation" in line and "captions=cached" in line

@@ -12,14 +12,7 @@ from assets.resources import CaptionerResource, DatasetStore
 
 SMALL_CORPUS = 8  # 7 scenes (4 annotated, 1 caption-only, 2 bare) + the corrupt file
 RUN_CONFIG = {"ops": {"corpus_images": {"config": {"demo_images": SMALL_CORPUS}}}}
-DATASET_ASSETS = [
-    dataset.corpus_images,
-    dataset.captions,
-    dataset.panoptic_segments,
-    dataset.noun_phrases,
-    dataset.subject_matches,
-    dataset.training_shards,
-]
+DATASET_ASSETS = dataset.CHAIN
 DATASET_CHECKS = [
     checks.readable_images,
     checks.caption_non_empty_rate,

@@ -35,6 +35,13 @@ def test_definitions_resolve_every_asset_job_and_check():
     assert {name for name in BLOCKING if specs[name].blocking} == BLOCKING
 
 
+def test_the_chain_is_named_once_for_the_cli():
+    from assets.dataset import CHAIN
+    from assets.instance import DATASET_ASSETS
+
+    assert [a.key.to_user_string() for a in CHAIN] == list(DATASET_ASSETS) == DATASET
+
+
 def test_model_steps_share_the_gpu_pool():
     ops = {op.name: op for d in assets.defs.assets for op in d.node_def.iterate_op_defs()}
     gpu = {name for name, op in ops.items() if op.pool == "gpu"}
