@@ -3,11 +3,12 @@
 Builds the same drawn corpus twice through Dagster's ``build_dataset`` job with the multiprocess
 executor (:func:`assets.instance.build_corpus`, as ``fc-pipeline corpus backfill`` does): once with
 1 chunk and 1 concurrent step, once with ``--workers`` chunks and as many concurrent steps (each
-chunk a step of its own, as each would be a pod on Kubernetes). The CPU cores are shared out
-(``OMP_NUM_THREADS`` = cores / workers, as ``fc-pipeline corpus backfill --workers`` sets it), and
-each build runs in a fresh process (the executor's forkserver lives as long as its process and
-keeps the thread setting it started with). Prints one line: both wall times and
-the speedup, the same for the chunk phases alone (first chunk start to last chunk end of each
+chunk a step of its own, as each would be a pod on Kubernetes). A worker is one core: every step
+process computes with ``--threads`` threads (default 1; as one chunk is one GPU), so both builds
+compute in the same float order and their shards can be compared byte for byte (with other thread
+counts, scores differ in the 6th decimal). Each build runs in a fresh process (the executor's
+forkserver lives as long as its process and keeps the thread setting it started with). Prints one
+line: both wall times and the speedup, the same for the chunk phases alone (first chunk start to last chunk end of each
 step, summed: the per-image work, without the fixed cost of starting the run and its ~26 step
 processes), and whether the shards are byte-identical (same samples, metadata and split).
 
@@ -73,9 +74,9 @@ def shard_digests(root: Path) -> dict[str, list[str]]:
     }
 
 
-def build_in_a_fresh_process(source: Path, root: Path, workers: int, cores: int) -> tuple[float, float]:
-    """:func:`build` in a new interpreter with ``OMP_NUM_THREADS`` = the workers' share of the cores."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // workers))}
+def build_in_a_fresh_process(source: Path, root: Path, workers: int, threads: int) -> tuple[float, float]:
+    """:func:`build` in a new interpreter whose step processes compute with ``threads`` threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, __file__, "--build", str(workers), "--source", str(source), "--root", str(root)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -88,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads of each step process (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="small sizes, same code paths")
     parser.add_argument("--build", type=int, help=argparse.SUPPRESS)  # one build, in the process the main one starts
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
@@ -102,12 +104,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "corpus"
         make_demo_corpus(source, n=args.images)
-        one, one_chunks = build_in_a_fresh_process(source, Path(tmp) / "one", 1, cores)
-        many, many_chunks = build_in_a_fresh_process(source, Path(tmp) / "many", args.workers, cores)
+        one, one_chunks = build_in_a_fresh_process(source, Path(tmp) / "one", 1, args.threads)
+        many, many_chunks = build_in_a_fresh_process(source, Path(tmp) / "many", args.workers, args.threads)
         same = shard_digests(Path(tmp) / "one") == shard_digests(Path(tmp) / "many")
         samples = sum(len(v) for v in shard_digests(Path(tmp) / "one").values()) // 2
     print(
-        f"fan-out [tiny, CPU, {cores} cores]: dataset chain on {args.images} images: 1 worker {one:.1f} s, "
+        f"fan-out [tiny, CPU, {cores} cores, {args.threads} thread(s) per step]: chain on {args.images} images: "
+        f"1 worker {one:.1f} s, "
         f"{args.workers} workers {many:.1f} s ({one / many:.2f}× faster); chunk phases {one_chunks:.1f} s vs "
         f"{many_chunks:.1f} s ({one_chunks / many_chunks:.2f}×); "
         f"shards identical: {'yes' if same else 'NO'} ({samples} shard(s))"
