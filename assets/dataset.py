@@ -163,11 +163,9 @@ def update_chunk_of(
     return {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
 
 
-def merge_table(
-    context: dg.OpExecutionContext, chunks: int, output: str, primary: str, **metadata: Any
-) -> tuple[pa.Table, MergeResult]:
+def merge_table(context: dg.OpExecutionContext, chunks: int, output: str, primary: str) -> tuple[pa.Table, MergeResult]:
     """Merge the chunks of the corpus's step table ``output`` (rows in the order of its first input
-    ``primary``): the table, and the asset's metadata (counts, failures, ``metadata``) and data version."""
+    ``primary``): the table, and the asset's metadata (counts, failures) and data version."""
     from fc_pipeline.data.chunks import merge_chunks
 
     store, corpus = context.resources.store, context.partition_key
@@ -184,7 +182,6 @@ def merge_table(
         reused=update.reused,
         dropped=update.dropped,
         chunks=chunks,
-        **metadata,
     )
     return update.table, MergeResult(result, file_digest(path))
 
