@@ -6,7 +6,8 @@ executor (:func:`assets.instance.build_corpus`, as ``fc-pipeline corpus backfill
 chunk a step of its own, as each would be a pod on Kubernetes). A worker is one core: every step
 process computes with ``--threads`` threads (default 1; as one chunk is one GPU), so both builds
 compute in the same float order and their shards can be compared byte for byte (with other thread
-counts, scores differ in the 6th decimal). Each build runs in a fresh process (the executor's
+counts, scores differ in the 6th decimal; without ``OMP_NUM_THREADS`` the chunk steps share the
+cores out themselves, :func:`assets.chunked.share_cores`). Each build runs in a fresh process (the executor's
 forkserver lives as long as its process and keeps the thread setting it started with). Prints one
 line: both wall times and the speedup, the same for the chunk phases alone (first chunk start to last chunk end of each
 step, summed: the per-image work, without the fixed cost of starting the run and its ~26 step

@@ -92,8 +92,8 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        help="backfill: run up to this many steps at once on this machine (one process each; sets "
-        "FC_PIPELINE_EXECUTOR=multiprocess and OMP_NUM_THREADS=cores/N unless they are set)",
+        help="backfill: run up to this many steps at once on this machine (one process each, sharing the "
+        "cores; sets FC_PIPELINE_EXECUTOR=multiprocess unless it is set)",
     )
     p.set_defaults(func=_run_corpus)
 
@@ -128,8 +128,6 @@ def _backfill(args: argparse.Namespace) -> int:
         raise SystemExit("corpus backfill: --workers must be at least 1")
     if args.workers is not None:
         os.environ.setdefault("FC_PIPELINE_EXECUTOR", "multiprocess")  # read when the code location loads
-        # each step process's share of the cores (N processes with a thread per core would thrash)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     import dagster as dg
 
     from assets.instance import GPU_POOL, build_corpus, dagster_home, register_corpora

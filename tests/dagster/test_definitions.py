@@ -135,3 +135,37 @@ def test_chunks_default_to_env_then_one():
     for bad in ("0", "4097", "two"):
         with pytest.raises(ValueError, match=f"FC_PIPELINE_CHUNKS must be an integer from 1 to 4096, not '{bad}'"):
             default_chunks({"FC_PIPELINE_CHUNKS": bad})
+
+
+def test_chunk_steps_share_the_cores_on_the_multiprocess_executor(monkeypatch):
+    import types
+
+    import torch
+
+    from assets.chunked import share_cores
+
+    def context(executor: str, max_concurrent: int | None = None):
+        execution = {"execution": {"config": {"max_concurrent": max_concurrent}}} if max_concurrent else {}
+        job = types.SimpleNamespace(executor_def=types.SimpleNamespace(name=executor))
+        return types.SimpleNamespace(job_def=job, run_config=execution)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        for executor, max_concurrent, chunks, threads in [
+            ("multiprocess", 2, 4, 4),  # 2 chunks at a time on 8 cores
+            ("multiprocess", None, 4, 2),  # 4 at a time
+            ("multiprocess", 16, 16, 1),
+        ]:
+            torch.set_num_threads(before)
+            share_cores(context(executor, max_concurrent), chunks)
+            assert torch.get_num_threads() == threads, (executor, max_concurrent, chunks)
+        torch.set_num_threads(3)
+        share_cores(context("in_process"), 4)  # chunks one after another: every core for each
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        share_cores(context("multiprocess", 2), 2)  # the user's setting wins
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
