@@ -18,6 +18,7 @@ from assets.settings import STEP_CONFIGS, check_run_config, config_class, to_set
 from fc_pipeline.evaluation.report import SUMMARY_COLUMNS, markdown_table
 from fc_pipeline.evaluation.runner import EvaluationConfig, run_evaluation
 from fc_pipeline.evaluation.subjects import write_demo_subjects
+from fc_pipeline.settings import release_memory
 
 CHECKPOINT_ASSET = dg.AssetKey("fastcomposer_checkpoint")
 # Metadata keys under which the training asset may record its checkpoint directory.
@@ -89,16 +90,19 @@ def evaluation_report(
     size = {"height": config.resolution, "width": config.resolution} if config.resolution else {}
     settings = to_settings(EvaluationConfig, config, **size)
     context.log.info(f"evaluating {checkpoint} on {subjects_dir} -> {out_dir}")
-    result = run_evaluation(
-        checkpoint,
-        subjects_dir,
-        out_dir,
-        settings,
-        profile=evaluator.profile,
-        faces=evaluator.face_scorer(),
-        prompt_scorer=evaluator.prompt_scorer(),
-        progress=context.log.info,
-    )
+    try:
+        result = run_evaluation(
+            checkpoint,
+            subjects_dir,
+            out_dir,
+            settings,
+            profile=evaluator.profile,
+            faces=evaluator.face_scorer(),
+            prompt_scorer=evaluator.prompt_scorer(),
+            progress=context.log.info,
+        )
+    finally:  # the scorers lived for this call only: hand their CUDA memory back, as the model resources do
+        release_memory()
     plot = Path(result["paths"]["alpha_sweep"])
     headline = {
         f"{setting}/{metric}": value
