@@ -2,7 +2,7 @@
 
 ``FC_PIPELINE_EXECUTOR`` picks the executor of the code location (:func:`executor_from_env`):
 
-* unset / ``in_process``: every step in the run's own process, so a model resource loads once per run;
+* unset / ``in_process``: the steps one after another in the run's own process (a chunked step's chunks too);
 * ``multiprocess``: one process per step on the same machine (Dagster's ``multiprocess_executor``),
   forked from a server that imported the code location and its libraries once per run
   (:data:`PRELOAD_MODULES`; a step then starts in well under a second instead of re-importing torch);
