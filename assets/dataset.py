@@ -163,13 +163,14 @@ def update_chunk_of(
     return {"computed": update.computed, "reused": update.reused, "dropped": update.dropped}
 
 
-def merge_table(context: dg.OpExecutionContext, chunks: int, output: str, primary: str) -> tuple[pa.Table, MergeResult]:
-    """Merge the chunks of the corpus's step table ``output`` (rows in the order of its first input
-    ``primary``): the table, and the asset's metadata (counts, failures) and data version."""
+def merge_table(
+    context: dg.OpExecutionContext, chunks: int, output: str, first: pa.Table
+) -> tuple[pa.Table, MergeResult]:
+    """Merge the chunks of the corpus's step table ``output`` (rows in the order of the step's first
+    input table ``first``): the table, and the asset's metadata (counts, failures) and data version."""
     from fc_pipeline.data.chunks import merge_chunks
 
     store, corpus = context.resources.store, context.partition_key
-    (first,) = read_inputs(store, corpus, primary)
     path = store.path(corpus, output)
     update = merge_chunks(path, first.column("id").to_pylist(), chunks)
     result = _metadata(
@@ -320,7 +321,8 @@ def _caption_chunk(context: dg.OpExecutionContext, config: CaptionsConfig, part:
 
 
 def _merge_captions(context: dg.OpExecutionContext, config: CaptionsConfig, chunks: int) -> MergeResult:
-    table, result = merge_table(context, chunks, CAPTIONS, IMAGES)
+    (images,) = read_inputs(context.resources.store, context.partition_key, IMAGES)
+    table, result = merge_table(context, chunks, CAPTIONS, images)
     sources = table.column("caption_source").to_pylist()
     rows = [r for r in table.to_pylist() if r["caption"]]
     examples = [r for r in rows if r["caption_source"] == "model"][:3] + [
@@ -371,12 +373,12 @@ def _segment_chunk(context: dg.OpExecutionContext, config: SegmentsConfig, part:
 
 def _merge_segments(context: dg.OpExecutionContext, config: SegmentsConfig, chunks: int) -> MergeResult:
     store, corpus = context.resources.store, context.partition_key
-    table, result = merge_table(context, chunks, SEGMENTS, IMAGES)
+    (images,) = read_inputs(store, corpus, IMAGES)
+    table, result = merge_table(context, chunks, SEGMENTS, images)
     per_image = {r["id"]: json.loads(r["segments"] or "[]") for r in table.to_pylist() if not r["error"]}
     labels = [s["label"] for segs in per_image.values() for s in segs]
     shown = {i: None for i, segs in per_image.items() if segs}
     sources = table.column("segment_source").to_pylist()
-    (images,) = read_inputs(store, corpus, IMAGES)
     result.metadata.update(
         segments=len(labels),
         person_segments=labels.count("person"),
@@ -426,7 +428,8 @@ def _phrase_chunk(context: dg.OpExecutionContext, config: PhrasesConfig, part: C
 
 
 def _merge_phrases(context: dg.OpExecutionContext, config: PhrasesConfig, chunks: int) -> MergeResult:
-    table, result = merge_table(context, chunks, PHRASES, CAPTIONS)
+    (captions,) = read_inputs(context.resources.store, context.partition_key, CAPTIONS)
+    table, result = merge_table(context, chunks, PHRASES, captions)
     rows = [r for r in table.to_pylist() if not r["error"]]
     result.metadata.update(
         phrases=sum(len(json.loads(r["phrases"] or "[]")) for r in rows),
@@ -468,11 +471,11 @@ def _match_chunk(context: dg.OpExecutionContext, config: MatchesConfig, part: Ch
 
 def _merge_matches(context: dg.OpExecutionContext, config: MatchesConfig, chunks: int) -> MergeResult:
     store, corpus = context.resources.store, context.partition_key
-    table, result = merge_table(context, chunks, MATCHES, IMAGES)
+    images, segments = read_inputs(store, corpus, IMAGES, SEGMENTS)
+    table, result = merge_table(context, chunks, MATCHES, images)
     subjects = {r["id"]: json.loads(r["subjects"] or "[]") for r in table.to_pylist() if not r["error"]}
     histogram = np.bincount([len(s) for s in subjects.values()], minlength=config.max_subjects + 1).tolist()
     shown = {i: [s["segment_id"] for s in subs] for i, subs in subjects.items() if subs}
-    images, segments = read_inputs(store, corpus, IMAGES, SEGMENTS)
     result.metadata.update(
         subjects=sum(histogram[k] * k for k in range(len(histogram))),
         images_with_subjects=len(shown),
